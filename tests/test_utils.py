@@ -1,0 +1,80 @@
+"""The shared bottom layer: atomic writes, JSONL logs, config round trips, the CLI dispatcher."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from wmvla import cli
+from wmvla.utils import (
+    WmvlaError,
+    append_jsonl,
+    atomic_path,
+    atomic_write_json,
+    config_diff,
+    from_dict,
+    read_jsonl,
+    to_jsonable,
+)
+
+
+@dataclasses.dataclass
+class Inner:
+    m: int = 4
+    key: str | None = None
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    dims: tuple[int, ...] = (1, 2)
+    path: Path = Path("a/b")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
+
+
+def test_jsonl_drops_torn_last_line_only(tmp_path):
+    log = tmp_path / "log.jsonl"
+    append_jsonl(log, {"a": 1})
+    append_jsonl(log, {"a": 2})
+    with open(log, "a") as f:
+        f.write('{"a": 3')  # a write interrupted mid-line
+    assert read_jsonl(log) == [{"a": 1}, {"a": 2}]
+    log.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(WmvlaError, match="line 2"):
+        read_jsonl(log)
+
+
+def test_config_round_trip_and_unknown_field():
+    cfg = Outer(name="y", inner=Inner(m=1, key="k"), dims=(3,), path=Path("p"))
+    data = json.loads(json.dumps(to_jsonable(cfg)))
+    assert from_dict(Outer, data) == cfg
+    with pytest.raises(WmvlaError, match="unknown fields"):
+        from_dict(Outer, {**data, "bogus": 1})
+
+
+def test_config_diff_names_the_differences():
+    diff = config_diff({"a": 1, "w": {"m": 4}}, {"a": 1, "w": {"m": 1}, "b": 2})
+    assert diff == ["b: unexpected 2", "w.m: expected 4, found 1"]
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "data inspect", "latents", "train", "eval", "matrix", "report"):
+        assert name in out
+    with pytest.raises(SystemExit, match="unknown command"):
+        cli.main(["bogus"])
