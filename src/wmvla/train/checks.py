@@ -1,0 +1,137 @@
+"""Loud start-up and first-step checks that turn the earlier attempt's silent failures into errors.
+
+- `check_fp32_trainable`: trainable weights must be fp32 (bf16 weights updated by AdamW without fp32
+  master copies stall: a gate starting at 0 stuck at -2^-6 in every E2 run of the earlier attempt).
+- `check_optimizer_covers`: every parameter that requires grad is in the optimizer (LoRA adapters
+  received gradients but were never given to the optimizer).
+- `ParamSnapshot` + `check_first_step`: after the first optimizer step every trainable parameter that
+  received a gradient has changed, none received an all-zero/absent gradient unless explicitly allowed,
+  and no frozen parameter changed.
+- `check_optimizer_state_fp32`: Adam moments are fp32 after the first step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from wmvla.utils import WmvlaError
+
+
+def _short(names: list[str], n: int = 12) -> str:
+    more = f" ... (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_fp32_trainable(model: torch.nn.Module) -> None:
+    bad = [f"{n} ({p.dtype})" for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if bad:
+        raise WmvlaError(
+            f"trainable parameters must be float32 (bf16 is for autocast compute only), found: {_short(bad)}. "
+            "Low-precision trainable weights without fp32 master copies silently stop updating. "
+            "fix: build the trainable modules in float32 (the frozen base may be bf16)."
+        )
+
+
+def check_optimizer_covers(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_opt]
+    frozen_in_opt = [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in in_opt]
+    if missing:
+        raise WmvlaError(f"trainable parameters not given to the optimizer (they would never update): {_short(missing)}")
+    if frozen_in_opt:
+        raise WmvlaError(f"frozen parameters were given to the optimizer: {_short(frozen_in_opt)}")
+
+
+def check_optimizer_state_fp32(optimizer: torch.optim.Optimizer) -> None:
+    bad = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.numel() > 1 and v.dtype != torch.float32:
+                    bad.append(f"{k}:{v.dtype}")
+    if bad:
+        raise WmvlaError(f"optimizer state must be float32, found {_short(sorted(set(bad)))}")
+
+
+class ParamSnapshot:
+    """Cheap fingerprint of every parameter: (sum, sum of squares, one strided probe) in float64.
+
+    Comparing fingerprints instead of full copies keeps this affordable for a 2B model; an Adam step that
+    changes a tensor changes its fingerprint except by astronomically unlikely cancellation.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.values = {n: self._fingerprint(p) for n, p in model.named_parameters()}
+
+    @staticmethod
+    @torch.no_grad()
+    def _fingerprint(p: torch.Tensor) -> tuple[float, float, float]:
+        x = p.detach().reshape(-1).double()
+        probe = x[:: max(1, x.numel() // 97)]
+        w = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)
+        return (x.sum().item(), (x * x).sum().item(), (probe * w).sum().item())
+
+    def changed(self, model: torch.nn.Module) -> dict[str, bool]:
+        return {n: self._fingerprint(p) != self.values[n] for n, p in model.named_parameters()}
+
+
+def check_first_step(
+    model: torch.nn.Module,
+    before: ParamSnapshot,
+    grads_seen: dict[str, str],
+    allow_no_grad: tuple[str, ...] = (),
+) -> dict[str, int]:
+    """Verify the first optimizer step. `grads_seen`: name -> "none" | "zero" | "ok" recorded before the step.
+
+    `allow_no_grad`: glob patterns of trainable parameters that may legitimately get no/zero gradient
+    (e.g. the memory key/value projections in E1, whose memory input is all zeros).
+    Returns counts for the log. Raises WmvlaError listing every offending parameter.
+    """
+    changed = before.changed(model)
+    allowed = lambda n: any(fnmatch.fnmatch(n, pat) for pat in allow_no_grad)  # noqa: E731
+    no_grad, not_moved, frozen_moved = [], [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            g = grads_seen.get(n, "none")
+            if g != "ok":
+                if not allowed(n):
+                    no_grad.append(f"{n} ({g} gradient)")
+            elif not changed[n]:
+                not_moved.append(n)
+        elif changed[n]:
+            frozen_moved.append(n)
+    problems = []
+    if no_grad:
+        problems.append(
+            "trainable parameters that received no or an all-zero gradient in the first step (unused in the "
+            "forward pass, or cut off from the loss, e.g. a gate skipped while it is 0): " + _short(no_grad)
+        )
+    if not_moved:
+        problems.append("trainable parameters with a gradient that did not change (not stepped by the optimizer?): "
+                        + _short(not_moved))
+    if frozen_moved:
+        problems.append("frozen parameters that changed: " + _short(frozen_moved))
+    if problems:
+        raise WmvlaError("first-step parameter check failed:\n  - " + "\n  - ".join(problems))
+    n_train = sum(1 for _, p in model.named_parameters() if p.requires_grad)
+    return {"trainable_tensors": n_train, "frozen_tensors": len(changed) - n_train}
+
+
+@torch.no_grad()
+def grad_status(model: torch.nn.Module) -> dict[str, str]:
+    """name -> "none" | "zero" | "ok" for each trainable parameter (call after backward, before step)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            out[n] = "none"
+        elif not torch.isfinite(p.grad).all():
+            out[n] = "nonfinite"
+        elif p.grad.abs().max().item() == 0:
+            out[n] = "zero"
+        else:
+            out[n] = "ok"
+    return out

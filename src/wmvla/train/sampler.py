@@ -1,0 +1,71 @@
+"""A deterministic, resumable, rank-sharded batch sampler.
+
+Batch c (counting micro-batches from 0 over the whole run) is a pure function of (seed, c, rank), so
+resuming at micro-batch c reproduces exactly the data an uninterrupted run would have seen, without
+replaying the data loader. Each epoch is a fresh permutation drawn from `default_rng([seed, epoch])`;
+the last incomplete global batch of an epoch is dropped so every rank sees the same number of batches.
+Ranks take disjoint slices of each global batch (DDP-style sharding), so `accelerate launch`/torchrun
+work with the same code as a single process.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_batches: int | None = None,
+    ):
+        """`indices`: the dataset positions to draw from (e.g. the training split); `batch_size` per rank.
+
+        `num_batches`: stop after this many batches (counted from 0, not from start_batch); None = endless.
+        """
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.num_batches = num_batches
+        self.global_batch = batch_size * world_size
+        if len(self.indices) < self.global_batch:
+            from wmvla.utils import WmvlaError
+
+            raise WmvlaError(
+                f"the training split has {len(self.indices)} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks); lower --optim.batch-size or use more data"
+            )
+        self.batches_per_epoch = len(self.indices) // self.global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def batch(self, c: int) -> list[int]:
+        """The sample positions of micro-batch `c` for this rank."""
+        epoch, j = divmod(c, self.batches_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm_epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+        perm = self._perm
+        lo = j * self.global_batch + self.rank * self.batch_size
+        return self.indices[perm[lo : lo + self.batch_size]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        c = self.start_batch
+        while self.num_batches is None or c < self.num_batches:
+            yield self.batch(c)
+            c += 1
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("endless sampler has no length")
+        return max(0, self.num_batches - self.start_batch)
