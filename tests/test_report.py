@@ -1,0 +1,366 @@
+"""`wmvla report` from synthetic matrix results with known success patterns.
+
+A fake RUN_ROOT (E0/E1/E2/E3 training runs with train_log.jsonl, evaluation folders with episodes.jsonl and
+summary.json, laid out as docs/report.md describes) is built with exactly chosen McNemar cells, so Wilson
+intervals and p-values can be checked against values computed by hand here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from wmvla.cli import main as cli_main
+from wmvla.experiments.report import ReportConfig, build_report, run_report
+from wmvla.utils import WmvlaError, append_jsonl, atomic_write_json
+
+TASKS = ("reach-v3", "push-v3")
+Z95 = 1.959963984540054
+
+
+# ------------------------------------------------------------------------------- hand computations
+
+
+def wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    p = k / n
+    denom = 1 + Z95**2 / n
+    center = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return center - half, center + half
+
+
+def mcnemar_by_hand(b: int, c: int) -> float:
+    """Two-sided exact McNemar: twice the smaller binomial tail of Bin(b + c, 1/2), capped at 1."""
+    d = b + c
+    tail = sum(math.comb(d, i) for i in range(min(b, c) + 1)) / 2**d
+    return min(1.0, 2 * tail)
+
+
+# ------------------------------------------------------------------------------ synthetic run root
+
+
+def paired_pattern(n: int, both: int, a_only: int, b_only: int) -> tuple[list[bool], list[bool]]:
+    """Two outcome lists over the same n matched episodes with the given McNemar cells."""
+    neither = n - both - a_only - b_only
+    assert neither >= 0
+    a = [True] * both + [True] * a_only + [False] * b_only + [False] * neither
+    b = [True] * both + [False] * a_only + [True] * b_only + [False] * neither
+    return a, b
+
+
+def keys(seeds: tuple[int, ...], per_seed: int, interleave: bool = True) -> list[tuple[int, str, int]]:
+    """(seed, task, init_index) for `per_seed` episodes per seed, spread over TASKS. Interleaved, the cells
+    of `paired_pattern` spread evenly over seeds; otherwise seed 0 gets the first block of the pattern."""
+    out = [(s, TASKS[i % len(TASKS)], i // len(TASKS)) for i in range(per_seed) for s in seeds]
+    return out if interleave else sorted(out)
+
+
+def write_eval(root: Path, exp: str, head: str, memory: str, seed: int, episodes: list[tuple[str, int, bool]],
+               max_steps: int = 150, replan_steps: int = 5, name: str | None = None) -> Path:
+    tag = f"{'none' if exp == 'E0' else 'tiny'}_m4_delta_{head}"
+    run = root / exp / tag / f"seed{seed}"
+    folder = run / (name or f"eval_metaworld_mt_{memory}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, init, ok in episodes:
+        append_jsonl(folder / "episodes.jsonl", {
+            "env": "metaworld", "suite": "mt", "task": task, "init_index": init, "seed": 1000 + init,
+            "condition": memory, "success": ok, "steps": 40 if ok else max_steps, "wall_s": 0.1, "error": None})
+    k = sum(ok for _, _, ok in episodes)
+    atomic_write_json(folder / "summary.json", {
+        "overall": {"success_rate": k / len(episodes), "n": len(episodes), "ci95": [0, 1]},
+        "per_task": {},
+        "config": {"experiment": exp, "head": head, "seed": seed, "rollout_memory": memory,
+                   "checkpoint": str(run / "checkpoints" / "final"), "env": "metaworld", "suite": "mt",
+                   "max_steps": max_steps, "replan_steps": replan_steps}})
+    return folder
+
+
+def write_train_log(root: Path, exp: str, head: str, seed: int, steps: int = 50, gate_fn=None) -> None:
+    tag = f"{'none' if exp == 'E0' else 'tiny'}_m4_delta_{head}"
+    log = root / exp / tag / f"seed{seed}" / "train_log.jsonl"
+    for step in range(0, steps, 5):
+        rec = {"step": step, "action_loss": 1.0 / (1 + 0.1 * step), "lr": 1e-4}
+        if exp in ("E2", "E3"):
+            rec["world_loss"] = 0.5 / (1 + 0.05 * step)
+        if exp != "E0":
+            rec["gate"] = gate_fn(step) if gate_fn else 0.002 * step
+        if step % 20 == 0:
+            rec["val_action_mse"] = 0.8 / (1 + 0.1 * step)
+        append_jsonl(log, rec)
+
+
+def write_condition(root: Path, exp: str, head: str, memory: str, outcomes: list[bool],
+                    ks: list[tuple[int, str, int]], **kw) -> None:
+    by_seed: dict[int, list] = {}
+    for (seed, task, init), ok in zip(ks, outcomes, strict=True):
+        by_seed.setdefault(seed, []).append((task, init, ok))
+    for seed, eps in by_seed.items():
+        write_eval(root, exp, head, memory, seed, eps, **kw)
+
+
+def make_root(root: Path, *, seeds=(0, 1), per_seed=50, e2_e0=(30, 20, 2), e1_e0=(30, 3, 2),
+              e3_e0=(32, 25, 0), heads=("mse",), train_logs=True, interleave=True) -> Path:
+    """E2-pred vs E0 has cells (both, E2 only, E0 only) = e2_e0; E2-zero / random / shuffle and E1 are built
+    relative to E0's outcomes, so pred vs zero has the same cells as E2 vs E0."""
+    ks = keys(seeds, per_seed, interleave)
+    n = len(ks)
+    for head in heads:
+        e2, e0 = paired_pattern(n, *e2_e0)
+        e1 = _relative(e0, *e1_e0)
+        e3 = _relative(e0, *e3_e0)
+        write_condition(root, "E0", head, "none", e0, ks)
+        write_condition(root, "E1", head, "zero", e1, ks)
+        write_condition(root, "E2", head, "pred", e2, ks)
+        for mem in ("zero", "random", "shuffle"):
+            write_condition(root, "E2", head, mem, e0, ks)  # ablations fall back to the baseline's outcomes
+        write_condition(root, "E3", head, "oracle", e3, ks)
+        if train_logs:
+            for s in seeds:
+                for exp in ("E0", "E1", "E2", "E3"):
+                    write_train_log(root, exp, head, s)
+    return root
+
+
+def _relative(ref: list[bool], both: int, a_only: int, b_only: int) -> list[bool]:
+    """An outcome list whose McNemar cells against `ref` are (both, a_only, b_only, rest)."""
+    succ = [i for i, r in enumerate(ref) if r]
+    fail = [i for i, r in enumerate(ref) if not r]
+    assert both + b_only == len(succ) and a_only <= len(fail)
+    out = [False] * len(ref)
+    for i in succ[:both]:
+        out[i] = True
+    for i in fail[:a_only]:
+        out[i] = True
+    return out
+
+
+def report(root: Path, **kw) -> dict:
+    kw.setdefault("plots", False)
+    kw.setdefault("print_table", False)
+    return build_report(ReportConfig(run_root=root, **kw))
+
+
+def comparison(summary: dict, name: str, head: str = "mse") -> dict:
+    (c,) = [c for c in summary["comparisons"] if c["name"] == name and c["head"] == head]
+    return c
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+def test_supported_case_numbers_and_verdict(tmp_path):
+    # E0 has 32/100 successes (30 both + 2 E0-only); E2 50/100; 20:2 discordant -> p = 2*(1+22+231)/2^22.
+    root = make_root(tmp_path)
+    s = report(root)
+    json_summary = json.loads((root / "summary.json").read_text())
+    assert json_summary["verdict"]["overall"] == s["verdict"]["overall"] == "supported"
+
+    conds = json_summary["conditions"]
+    assert set(conds) == {"E0-mse-none", "E1-mse-zero", "E2-mse-pred", "E2-mse-zero", "E2-mse-random",
+                          "E2-mse-shuffle", "E3-mse-oracle"}
+    e0, e2 = conds["E0-mse-none"], conds["E2-mse-pred"]
+    assert (e0["successes"], e0["n"], e0["seeds"]) == (32, 100, 2)
+    assert (e2["successes"], e2["n"], e2["seeds"]) == (50, 100, 2)
+    assert e2["success_rate"] == pytest.approx(0.5)
+    assert e2["ci95"] == pytest.approx([0.4038, 0.5962], abs=1e-4)  # textbook Wilson value for 50/100
+    assert e0["ci95"] == pytest.approx(wilson_by_hand(32, 100), abs=1e-9)
+    # per seed and per task are consistent with the pooled numbers
+    assert sum(v["successes"] for v in e2["per_seed"].values()) == 50
+    assert sum(v["n"] for v in e2["per_task"].values()) == 100
+    assert e2["per_task"]["reach-v3"]["ci95"] == pytest.approx(
+        wilson_by_hand(e2["per_task"]["reach-v3"]["successes"], 50), abs=1e-9)
+
+    c = comparison(json_summary, "E2 vs E0")
+    assert c["status"] == "ok"
+    assert (c["n_pairs"], c["both"], c["a_only"], c["b_only"], c["neither"]) == (100, 30, 20, 2, 48)
+    assert c["p_value"] == pytest.approx(508 / 2**22, rel=1e-9)
+    assert c["p_value"] == pytest.approx(mcnemar_by_hand(20, 2), rel=1e-9)
+    assert c["significant"] is True
+    c1 = comparison(json_summary, "E1 vs E0")
+    assert (c1["a_only"], c1["b_only"]) == (3, 2)
+    assert c1["p_value"] == pytest.approx(1.0)
+    assert comparison(json_summary, "E2 pred vs zero")["p_value"] == pytest.approx(mcnemar_by_hand(20, 2))
+    assert comparison(json_summary, "E2 pred vs random")["significant"] is True
+    assert comparison(json_summary, "E3 vs E0")["p_value"] == pytest.approx(mcnemar_by_hand(25, 0))
+
+    v = json_summary["verdict"]["per_head"]["mse"]
+    assert {k: c["status"] for k, c in v["criteria"].items()} == {
+        "capacity_control": "holds", "e2_beats_e0": "supported", "pred_beats_zero": "supported",
+        "pred_beats_random": "supported"}
+    assert "SUPPORTED" in json_summary["verdict"]["sentence"]
+    assert c["per_seed_diff"] == pytest.approx({"0": 9 / 50, "1": 9 / 50})  # 10:1 discordant in each seed
+    assert "Caveat" not in v["criteria"]["e2_beats_e0"]["sentence"]
+    md = (root / "report.md").read_text()
+    assert "## Verdict" in md and "**supported**" in md and "E2 vs E0" in md
+    assert "32/100" in md and "50/100" in md
+
+
+def test_unsupported_when_e2_significantly_worse(tmp_path):
+    root = make_root(tmp_path, e2_e0=(10, 1, 22))  # E2 loses 22:1 discordant pairs
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["diff"] < 0 and c["p_value"] == pytest.approx(mcnemar_by_hand(1, 22))
+    assert s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]["status"] == "not supported"
+    assert s["verdict"]["overall"] == "not supported"
+
+
+def test_unsupported_when_powered_and_no_difference(tmp_path):
+    # 800 matched episodes, E2 identical to E0 except 6:5 discordant pairs: not significant, and a 10-point
+    # effect would have been detected (MDD < 10 points) -> "not supported", not "underpowered".
+    root = make_root(tmp_path, per_seed=400, e2_e0=(395, 6, 5), e1_e0=(400, 2, 0), e3_e0=(400, 0, 0),
+                     train_logs=False)
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["n_pairs"] == 800 and not c["significant"]
+    assert c["mdd"] < 0.10
+    assert s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]["status"] == "not supported"
+    assert s["verdict"]["overall"] == "not supported"
+
+
+def test_underpowered_case(tmp_path):
+    # 10 episodes per condition, E2 wins 3:0 discordant pairs: p = 0.25, far from significance.
+    root = make_root(tmp_path, seeds=(0,), per_seed=10, e2_e0=(2, 3, 0), e1_e0=(2, 0, 0), e3_e0=(2, 1, 0))
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["p_value"] == pytest.approx(0.25)
+    assert c["mdd"] > 0.3  # at n=10 only huge differences are detectable
+    assert s["verdict"]["overall"] == "inconclusive: underpowered (n=10)"
+    assert s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]["status"] == "inconclusive"
+    md = (root / "report.md").read_text()
+    assert "underpowered" in md and "minimal detectable difference" in md.lower()
+
+
+def test_refuses_mismatched_episode_counts(tmp_path):
+    root = make_root(tmp_path)
+    # a second, larger E0 run would make E0 n=150 vs E2 n=100: McNemar needs the same matched episodes
+    extra = [(TASKS[i % 2], i // 2, i % 3 == 0) for i in range(50)]
+    write_eval(tmp_path, "E0", "mse", "none", 2, extra)
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["status"] == "refused"
+    assert "different episode counts" in c["reason"] and "n=100" in c["reason"] and "n=150" in c["reason"]
+    assert c["p_value"] is None
+    v = s["verdict"]["per_head"]["mse"]
+    assert v["criteria"]["e2_beats_e0"]["status"] == "refused"
+    assert v["overall"].startswith("inconclusive") and s["verdict"]["overall"] != "supported"
+    md = (root / "report.md").read_text()
+    assert "REFUSED" in md
+    # --strict turns the refusal into an error (exit code 2 through the CLI)
+    with pytest.raises(WmvlaError, match="refused"):
+        run_report(ReportConfig(run_root=root, plots=False, print_table=False, strict=True))
+    assert cli_main(["report", str(root), "--strict", "--no-plots"]) == 2
+
+
+def test_refuses_different_max_steps(tmp_path):
+    root = make_root(tmp_path, train_logs=False)
+    ks = keys((0, 1), 50)
+    e2, _ = paired_pattern(100, 30, 20, 2)
+    for p in (root / "E2").rglob("eval_metaworld_mt_pred"):
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+    write_condition(root, "E2", "mse", "pred", e2, ks, max_steps=300)
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["status"] == "refused" and "max_steps differs" in c["reason"]
+    assert comparison(s, "E2 pred vs zero")["status"] == "refused"
+
+
+def test_refuses_unmatched_init_states(tmp_path):
+    root = make_root(tmp_path, train_logs=False)
+    # same counts, but E1 seed 1 used init states 100.. instead of 0..: not matched pairs
+    folder = next((root / "E1").rglob("seed1/eval_*"))
+    lines = (folder / "episodes.jsonl").read_text().splitlines()
+    shifted = []
+    for line in lines:
+        e = json.loads(line)
+        e["init_index"] += 100
+        shifted.append(json.dumps(e))
+    (folder / "episodes.jsonl").write_text("\n".join(shifted) + "\n")
+    c = comparison(report(root), "E1 vs E0")
+    assert c["status"] == "refused" and "not matched" in c["reason"]
+
+
+def test_capacity_control_violation_makes_verdict_inconclusive(tmp_path):
+    root = make_root(tmp_path, e1_e0=(32, 25, 0), train_logs=False)
+    s = report(root)
+    v = s["verdict"]["per_head"]["mse"]
+    assert v["criteria"]["capacity_control"]["status"] == "violated"
+    assert v["overall"] == "inconclusive: capacity control failed"
+
+
+def test_missing_ablation_and_two_heads(tmp_path):
+    root = make_root(tmp_path, heads=("mse", "flow"), train_logs=False)
+    for p in list((root / "E2").rglob("eval_metaworld_mt_random")):
+        if "flow" in str(p):
+            for f in p.iterdir():
+                f.unlink()
+            p.rmdir()
+    s = report(root)
+    assert s["verdict"]["per_head"]["mse"]["overall"] == "supported"
+    flow = s["verdict"]["per_head"]["flow"]
+    assert flow["criteria"]["pred_beats_random"]["status"] == "missing"
+    assert flow["overall"].startswith("inconclusive")
+    assert s["verdict"]["overall"].startswith("mixed:")
+
+
+def test_duplicate_evaluation_of_one_seed_is_an_error_until_excluded(tmp_path):
+    root = make_root(tmp_path, train_logs=False)
+    eps = [(TASKS[i % 2], i // 2, True) for i in range(50)]
+    write_eval(root, "E0", "mse", "none", 0, eps, name="eval_old")
+    with pytest.raises(WmvlaError, match="--exclude"):
+        report(root)
+    s = report(root, exclude=("E0/*/seed0/eval_old",))
+    assert s["conditions"]["E0-mse-none"]["n"] == 100
+
+
+def test_training_health_flags_stuck_gate(tmp_path):
+    root = make_root(tmp_path)
+    write_train_log(root, "E2", "flow", 7, gate_fn=lambda step: -0.015625)
+    s = report(root)
+    flags = {t["run"]: t["flags"] for t in s["training"]}
+    stuck = flags["E2/tiny_m4_delta_flow/seed7"]
+    assert any("never changed" in f for f in stuck)
+    assert all(f == [] for run, f in flags.items() if not run.endswith("seed7"))
+    assert any("never changed" in w for w in s["warnings"])
+
+
+def test_plots_are_valid_pngs_and_cli_writes_everything(tmp_path, capsys):
+    root = make_root(tmp_path)
+    assert cli_main(["report", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "E2-mse-pred" in out and "50/100" in out and "verdict" in out
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary["plots"]) == {"conditions", "tasks", "gates", "losses"}
+    md = (root / "report.md").read_text()
+    for rel in summary["plots"].values():
+        path = root / rel
+        assert f"]({rel})" in md
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+            # not a blank canvas: a real plot has many distinct colours
+            assert len(im.convert("RGB").getcolors(maxcolors=1_000_000)) > 20
+
+
+def test_no_evaluations_is_a_clear_error(tmp_path):
+    (tmp_path / "E0").mkdir()
+    with pytest.raises(WmvlaError, match="no evaluation folders"):
+        report(tmp_path)
+
+
+def test_gain_carried_by_one_seed_is_flagged(tmp_path):
+    # all 20 E2-only pairs fall in seed 0, both E0-only pairs in seed 1: pooled p is tiny, seeds disagree
+    root = make_root(tmp_path, interleave=False, train_logs=False)
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["per_seed_diff"] == pytest.approx({"0": 20 / 50, "1": -2 / 50})
+    crit = s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]
+    assert crit["status"] == "supported" and crit["seed_consistent"] is False
+    assert "not consistent across training seeds" in crit["sentence"] and "1 of 2 seeds" in crit["sentence"]
+    assert "may not be robust" in s["verdict"]["sentence"]
