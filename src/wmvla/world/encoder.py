@@ -206,10 +206,10 @@ def _local_revision(path: Path) -> str:
     return "local-" + h.hexdigest()[:16]
 
 
-def tiny_vjepa2_config(image_size: int, window: int):
+def tiny_vjepa2_config(image_size: int):
     from transformers import VJEPA2Config
 
-    return VJEPA2Config(crop_size=image_size, frames_per_clip=max(2, window), **TINY_CONFIG)
+    return VJEPA2Config(crop_size=image_size, **TINY_CONFIG)
 
 
 class WorldEncoder:
@@ -299,7 +299,7 @@ def build_world_encoder(spec: WorldEncoderSpec, device: str | torch.device | Non
 
     if spec.encoder == TINY:
         image_size = spec.image_size or TINY_IMAGE_SIZE
-        config = tiny_vjepa2_config(image_size, spec.window)
+        config = tiny_vjepa2_config(image_size)
         # seeded init without disturbing the caller's global RNG state
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
