@@ -8,7 +8,7 @@ on training samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 import numpy as np
 
@@ -16,6 +16,9 @@ import numpy as np
 class Observation(TypedDict):
     images: dict[str, np.ndarray]  # camera key (dataset image key) -> uint8 [H, W, 3], upright as in the dataset
     state: np.ndarray  # float32 [S], the dataset's state layout
+    # Benchmark-specific raw values that are not part of the dataset's inputs, e.g. MetaWorld's 39-d
+    # observation under "metaworld_obs" for the scripted expert. Learned policies must not read them.
+    extras: NotRequired[dict[str, Any]]
 
 
 @dataclass
