@@ -364,3 +364,12 @@ def test_gain_carried_by_one_seed_is_flagged(tmp_path):
     assert crit["status"] == "supported" and crit["seed_consistent"] is False
     assert "not consistent across training seeds" in crit["sentence"] and "1 of 2 seeds" in crit["sentence"]
     assert "may not be robust" in s["verdict"]["sentence"]
+
+
+def test_ceiling_is_not_called_unsupported(tmp_path):
+    # E0 succeeds in 96 of 100 episodes: a 10-point gain cannot exist, so a null result is inconclusive
+    root = make_root(tmp_path, e2_e0=(95, 2, 1), e1_e0=(96, 0, 0), e3_e0=(96, 4, 0), train_logs=False)
+    s = report(root)
+    crit = s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]
+    assert crit["status"] == "inconclusive" and "ceiling" in crit["sentence"]
+    assert s["verdict"]["overall"] == "inconclusive: ceiling"

@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import tyro
 
@@ -36,7 +36,7 @@ from wmvla.utils import WmvlaError, atomic_path, atomic_write_json, atomic_write
 class ReportConfig:
     """Build the report of a matrix run folder."""
 
-    run_root: tyro.conf.Positional[Path]
+    run_root: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_ROOT")]
     """Folder written by `wmvla matrix` (RUN_ROOT/<E0..E3>/<tag>/seed<k>/... with evaluation folders)."""
 
     # statistics
@@ -456,6 +456,11 @@ def judge(c: Comparison, cfg: ReportConfig) -> dict:
                 "sentence": f"{nums}: {c.a} > {c.b} significantly (p < {cfg.alpha}).{caveat}"}
     if c.significant and c.diff < 0:
         return {"status": "not supported", "sentence": f"{nums}: {c.a} is significantly WORSE than {c.b}."}
+    if c.b_rate + cfg.min_effect > 1.0:
+        # B is so close to 100 % that a meaningful gain is impossible; a null result says nothing.
+        return {"status": "inconclusive", "ceiling": True,
+                "sentence": f"{nums}: no significant difference, but {c.b} is at {_pct(c.b_rate)}, too close to "
+                            f"100 % for a {_pts(cfg.min_effect)} gain to exist (ceiling; use harder tasks)."}
     if c.mdd <= cfg.min_effect:
         return {"status": "not supported",
                 "sentence": f"{nums}: no significant gain, and {power_note}; a gain smaller than "
@@ -506,6 +511,10 @@ def build_verdict(comparisons: list[Comparison], cfg: ReportConfig) -> dict:
             if not all(criteria[k].get("seed_consistent", True) for k in ("e2_beats_e0", "pred_beats_zero",
                                                                            "pred_beats_random")):
                 sentence += " Not every training seed shows the gain (see the criteria), so it may not be robust."
+        elif any(criteria[k].get("ceiling") for k in ("e2_beats_e0", "pred_beats_zero", "pred_beats_random")):
+            overall = "inconclusive: ceiling"
+            sentence = (f"{head}: INCONCLUSIVE — the reference conditions succeed almost always, so no meaningful "
+                        "gain can be measured on these tasks.")
         else:
             mdd = max((mine[c].mdd for _, c, _ in CRITERIA if mine[c].mdd is not None), default=float("nan"))
             overall = f"inconclusive: underpowered (n={e2.n_pairs})"
