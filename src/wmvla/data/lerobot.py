@@ -511,10 +511,13 @@ class LeRobotDataset:
         self._cache[key] = out
         return out
 
-    def tasks_of(self, indices: Sequence[int] | np.ndarray) -> list[str]:
-        """Language instruction of each frame (via task_index and meta/tasks, or a string column)."""
+    def tasks_of(self, indices: Sequence[int] | np.ndarray, instruction_key: str | None = None) -> list[str]:
+        """Language instruction of each frame (via task_index and meta/tasks, or a string column).
+
+        instruction_key: default the opened keys' instruction_key, else "task".
+        """
         indices = np.asarray(indices, dtype=np.int64)
-        key = self.keys.instruction_key if self.keys is not None else "task"
+        key = instruction_key or (self.keys.instruction_key if self.keys is not None else "task")
         if key == "task":
             ti = self.columns("task_index")[indices]
             return [self.tasks[int(t)] for t in ti]
