@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "precompute world-encoder latents for a dataset (resumable)"),
     "prophet train": ("wmvla.world.prophet_train", "ProphetTrainConfig", "run_prophet_train",
                       "train the Prophet alone on a latent cache and report per-k metrics"),
-    "train": ("wmvla.train.loop", "TrainConfig", "run_train", "train a VLA policy (E0/E1/E2/E3)"),
+    "train": ("wmvla.train.loop", "TrainConfig", "run_train",
+              "train a VLA policy (E0/E1/E2/E3); --preset tiny|demo|metaworld-gpu|libero-2b sets the defaults"),
     "eval": ("wmvla.eval.cli", "EvalConfig", "run_eval",
              "closed-loop evaluation of a checkpoint or a scripted policy"),
     "matrix": ("wmvla.experiments.matrix", "MatrixConfig", "run_matrix",
@@ -54,6 +55,21 @@ def _resolve(argv: list[str]) -> tuple[str, list[str]]:
                      f"wmvla: unknown command {argv[0]!r}\n\n{_usage()}")
 
 
+def _preset_default(module, name: str, rest: list[str]):
+    """`--preset NAME` for commands whose module defines PRESETS (name -> config factory): that config
+    becomes tyro's defaults, so later flags override single fields. Returns (default or None, rest)."""
+    presets = getattr(module, "PRESETS", None)
+    if not presets:
+        return None, rest
+    for i, arg in enumerate(rest):
+        if arg == "--preset" or arg.startswith("--preset="):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else None)
+            if value not in presets:
+                raise SystemExit(f"wmvla {name}: --preset expects one of {sorted(presets)}, got {value!r}")
+            return presets[value](), rest[:i] + rest[i + (1 if "=" in arg else 2):]
+    return None, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -67,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from wmvla.utils import WmvlaError
 
     config_cls = getattr(module, config_name)
-    cfg = tyro.cli(config_cls, args=rest, prog=f"wmvla {name}", description=help_)
+    default, rest = _preset_default(module, name, rest)
+    cfg = tyro.cli(config_cls, args=rest, prog=f"wmvla {name}", description=help_, default=default)
     try:
         result = getattr(module, func_name)(cfg)
     except WmvlaError as e:
