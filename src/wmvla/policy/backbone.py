@@ -1,0 +1,418 @@
+"""Qwen-VL backbone: loading (hub id / local path / offline tiny), the <ACT_i> token embeddings, forward.
+
+Supported families: Qwen3-VL (2B/4B/8B: `Qwen/Qwen3-VL-2B-Instruct`, ...) and Qwen2.5-VL (`Qwen/Qwen2.5-VL-3B-
+Instruct`). We keep only the base model (`Qwen3VLModel` / `Qwen2_5_VLModel`, i.e. the ForConditionalGeneration's
+`.model`) and read its last hidden state: the policy never generates text, so no LM head is needed.
+
+<ACT_i> embeddings. The H new tokens get ids after the tokenizer's vocabulary. Their embedding rows live in
+a separate fp32 `nn.Parameter` [H, d] inside `ActTokenEmbedding`, which wraps the backbone's own embedding
+module: positions holding an ACT id take their row from that parameter, all other positions are looked up
+in the original matrix. Why this design:
+  - the new rows train in every fine-tuning mode (the original matrix can be frozen, bf16 or LoRA'd) and
+    provably nothing else of the frozen matrix changes: it never gets a gradient (requires_grad=False);
+  - no resize of a 151k x d matrix, no optimizer state for it, no gradient-mask hook that weight decay
+    would silently bypass;
+  - the model is still called with `input_ids`, so transformers computes image placeholder masks and
+    M-RoPE positions exactly as for any Qwen-VL input.
+
+Offline "tiny" backbones use the same transformers classes built from a tiny config with seeded random
+weights, and a tokenizer built here with the `tokenizers` library that has Qwen's special tokens and a
+Qwen-style chat template, so the whole prompt/processor path is the one real models use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+
+from wmvla.policy.config import PolicyConfig
+from wmvla.utils import WmvlaError
+
+log = logging.getLogger(__name__)
+
+# Qwen's special tokens used by the chat template and the image placeholders.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+
+# The Qwen2-VL/Qwen3-VL chat template, reduced to what a policy prompt uses (roles, text, image items).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Whole-word entries for common robot-task words (LIBERO, MetaWorld). Any other word still tokenizes:
+# WordPiece falls back to single characters, which are all in the vocabulary.
+TINY_WORDS = (
+    "a an the of in on into onto to from and or with at top bottom left right front back behind near next "
+    "middle center side up down it its this that is are robot user assistant system task what should do "
+    "action pick place put push pull open close turn slide lift press reach move grasp stack insert hang "
+    "drawer cabinet door window button peg hole basket bowl plate mug cup box bottle microwave stove oven "
+    "shelf rack table caddy tray wine cream cheese ketchup butter milk soup sauce alphabet tomato orange "
+    "juice salad dressing bbq chocolate pudding book black white red green blue yellow wooden ceramic "
+    "small large big flat first second third goal object gripper handle lever knob faucet dial coffee "
+    "hammer nut wall puck bin disassemble soccer sweep basketball shelf off"
+).split()
+TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,:;!?'\"()[]{}-_/+*=<>|#&%$@")
+
+
+def act_token(i: int) -> str:
+    return f"<ACT_{i}>"
+
+
+def build_tiny_tokenizer():
+    """A small WordPiece tokenizer with Qwen's special tokens and chat template, as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in ["[UNK]", *TINY_CHARS, *("##" + c for c in TINY_CHARS), *TINY_WORDS]:
+        vocab.setdefault(tok, len(vocab))
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    # Qwen's special tokens get ids after the word vocabulary, as in the real tokenizers.
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def add_act_tokens(tokenizer, num: int) -> int:
+    """Add <ACT_0>..<ACT_{num-1}> as special tokens; return the id of <ACT_0> (the ids are contiguous)."""
+    tokens = [act_token(i) for i in range(num)]
+    existing = tokenizer.convert_tokens_to_ids(tokens)
+    unk = tokenizer.unk_token_id
+    if not all(isinstance(i, int) and i != unk for i in existing):
+        # special: matched as whole strings before pre-tokenization, never split or normalised
+        tokenizer.add_tokens(tokens, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(ids[0], ids[0] + num)):
+        raise WmvlaError(f"ACT token ids are not contiguous: {ids}. The tokenizer already had some <ACT_i> tokens "
+                         "with other ids; use a tokenizer without them.")
+    # each ACT token must encode to exactly one id (it is matched before pre-tokenization)
+    enc = tokenizer("".join(tokens), add_special_tokens=False)["input_ids"]
+    if enc != ids:
+        raise WmvlaError(f"<ACT_i> tokens do not encode to single ids: {enc} vs {ids}")
+    return ids[0]
+
+
+class ActTokenEmbedding(nn.Module):
+    """The backbone's token embedding with H trainable rows for <ACT_0..H-1> kept in a separate parameter.
+
+    forward(ids) = base(ids) everywhere except at ACT ids, where the row comes from `act_weight`. ACT ids may
+    lie beyond the base matrix (no resize needed). Sync-free (torch.where), so it runs inside CUDA graphs too.
+    """
+
+    def __init__(self, base: nn.Embedding, first_id: int, num: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.first_id = int(first_id)
+        self.num = int(num)
+        # Initialise near the existing embedding distribution: mean row + noise with the per-channel std.
+        w = base.weight.detach().float()
+        mean, std = w.mean(0), w.std(0)
+        noise = torch.randn(num, w.shape[1], generator=generator, dtype=torch.float32)
+        self.act_weight = nn.Parameter(mean + noise * std)
+
+    # transformers sometimes reads these off the input-embedding module
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def padding_idx(self):
+        return getattr(self.base, "padding_idx", None)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rel = input_ids - self.first_id
+        is_act = (rel >= 0) & (rel < self.num)
+        emb = self.base(torch.where(is_act, torch.zeros_like(input_ids), input_ids))
+        act = self.act_weight[rel.clamp(0, self.num - 1)]
+        return torch.where(is_act.unsqueeze(-1), act.to(emb.dtype), emb)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def resolve_family(cfg: PolicyConfig) -> str:
+    if cfg.family != "auto":
+        return cfg.family
+    if cfg.is_tiny:
+        return "qwen3_vl"
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(cfg.backbone, revision=cfg.revision).model_type
+    except OSError as e:
+        raise WmvlaError(f"cannot read config.json of backbone {cfg.backbone!r}: {e}. Pass a local folder with the "
+                         "model files, or a hub id that is in the local Hugging Face cache.") from e
+    if model_type not in ("qwen3_vl", "qwen2_5_vl"):
+        raise WmvlaError(f"backbone {cfg.backbone!r} has model_type {model_type!r}; expected qwen3_vl or qwen2_5_vl")
+    return model_type
+
+
+def _model_classes(family: str):
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
+
+        return Qwen3VLConfig, Qwen3VLModel, Qwen3VLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLForConditionalGeneration
+    raise WmvlaError(f"unknown backbone family {family!r} (expected qwen3_vl or qwen2_5_vl)")
+
+
+def pick_attn_implementation(requested: str, tiny: bool = False) -> str:
+    if requested != "auto":
+        return requested
+    if tiny:
+        return "sdpa"
+    has_fa2 = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return "flash_attention_2" if has_fa2 else "sdpa"
+
+
+def tiny_model_config(family: str, cfg: PolicyConfig, tokenizer):
+    """A tiny Qwen3-VL / Qwen2.5-VL config whose special-token ids come from the tiny tokenizer."""
+    t = cfg.tiny
+    config_cls, _, _ = _model_classes(family)
+    head_dim = t.hidden_size // t.num_heads
+    if head_dim % 8:
+        raise WmvlaError(f"tiny backbone: hidden_size / num_heads = {head_dim}; expected a multiple of 8 (M-RoPE)")
+    half = head_dim // 2  # M-RoPE splits the rotary frequencies into (temporal, height, width) sections
+    mrope_section = [half - 2 * (half // 4), half // 4, half // 4]
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vocab_size = ((len(tokenizer) + 63) // 64) * 64
+    text = dict(
+        vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        depth=t.vision_depth, hidden_size=t.vision_hidden_size, intermediate_size=t.vision_intermediate_size,
+        num_heads=t.vision_heads, patch_size=t.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+        out_hidden_size=t.hidden_size,
+    )
+    if family == "qwen3_vl":
+        text.update(head_dim=head_dim, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, mrope_section=mrope_section, mrope_interleaved=True))
+        grid = max(cfg.image_size // t.patch_size, 2)
+        vision.update(num_position_embeddings=grid * grid, deepstack_visual_indexes=list(range(t.vision_depth - 1)))
+    else:
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope_section),
+                    bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id)
+        # window attention: windows of 2x2 merged tokens; the last block attends globally as in the real model
+        vision.update(window_size=t.patch_size * 2 * 2, fullatt_block_indexes=[t.vision_depth - 1])
+    return config_cls(text_config=text, vision_config=vision, **ids)
+
+
+# Published image normalisation per family (Qwen3-VL: 0.5/0.5; Qwen2.5-VL: the OpenAI CLIP values).
+IMAGE_NORM_DEFAULTS = {
+    "qwen3_vl": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "qwen2_5_vl": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+}
+
+
+def _read_image_norm(path: str, revision: str | None, family: str) -> tuple[list[float], list[float]]:
+    """Image mean/std from the checkpoint's preprocessor_config.json (plain JSON: no image-processor class)."""
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(path, "preprocessor_config.json", revision=revision)
+        with open(f, encoding="utf-8") as fh:
+            pc = json.load(fh)
+        return list(pc["image_mean"]), list(pc["image_std"])
+    except Exception as e:  # noqa: BLE001 - fall back to the family's published values
+        log.warning("no preprocessor_config.json image_mean/std for %s (%s); using %s defaults", path, e, family)
+        return IMAGE_NORM_DEFAULTS[family]
+
+
+def _load_tokenizer(path: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if not tokenizer.chat_template:
+        # Some Qwen-VL repos keep the chat template with the processor only.
+        try:
+            from transformers import AutoProcessor
+
+            tokenizer.chat_template = AutoProcessor.from_pretrained(path, revision=revision).chat_template
+        except Exception as e:  # noqa: BLE001
+            raise WmvlaError(f"{path}: the tokenizer has no chat template and the processor could not provide one "
+                             f"({e}). Add chat_template.jinja to the model folder.") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def mrope_position_ids(mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor, grid_h: int,
+                       grid_w: int) -> torch.Tensor:
+    """M-RoPE position ids [3, B, L] (temporal, height, width) for prompts of text and still images.
+
+    A vectorised equivalent of transformers' `get_rope_index` (Qwen2.5-VL and Qwen3-VL agree for images),
+    which loops over the batch in Python with a host sync per sample. Rules: text tokens take consecutive
+    positions (the same on all 3 axes); an image of grid_h x grid_w merged tokens starting at position s gives
+    token (r, c) the positions (s, s + r, s + c), and the next token continues at s + max(grid_h, grid_w).
+    Padding (attention_mask 0, left or right) gets 0 and is skipped. All images must share one grid (the
+    processor resizes every camera to image_size). Tested equal to get_rope_index for both families.
+    """
+    mask = attention_mask.bool()
+    is_img = (mm_token_type_ids == 1) & mask
+    is_txt = (mm_token_type_ids == 0) & mask
+    per_image = grid_h * grid_w
+    txt_before = torch.cumsum(is_txt, 1) - is_txt.long()
+    img_before = torch.cumsum(is_img, 1) - is_img.long()
+    start = txt_before + torch.div(img_before, per_image, rounding_mode="floor") * max(grid_h, grid_w)
+    offset = img_before % per_image  # index of an image token inside its image (row-major)
+    h = torch.where(is_img, start + torch.div(offset, grid_w, rounding_mode="floor"), start)
+    w = torch.where(is_img, start + offset % grid_w, start)
+    return torch.stack([start, h, w]).masked_fill(~mask, 0)
+
+
+class VLBackbone(nn.Module):
+    """A Qwen-VL base model + its tokenizer + the ACT-token embedding; forward -> last hidden state [B, L, d]."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.family = resolve_family(cfg)
+        config_cls, base_cls, full_cls = _model_classes(self.family)
+        attn = pick_attn_implementation(cfg.attn_implementation, tiny=cfg.is_tiny)
+        if cfg.is_tiny:
+            tokenizer = build_tiny_tokenizer()
+            config = tiny_model_config(self.family, cfg, tokenizer)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed)
+                model = base_cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
+            self.image_mean, self.image_std = IMAGE_NORM_DEFAULTS[self.family]
+        else:
+            tokenizer = _load_tokenizer(cfg.backbone, cfg.revision)
+            # Load through the ForConditionalGeneration class (its checkpoint-key mapping is the tested path),
+            # keep `.model`, drop the LM head. Qwen-VL checkpoints are bf16: loading in bf16 is lossless;
+            # trainable parts are upcast to fp32 by the policy.
+            try:
+                full = full_cls.from_pretrained(cfg.backbone, revision=cfg.revision, dtype=torch.bfloat16,
+                                                attn_implementation=attn)
+            except OSError as e:
+                raise WmvlaError(f"cannot load backbone {cfg.backbone!r}: {e}. Nothing can be downloaded here: pass "
+                                 "a local folder or a hub id already in the Hugging Face cache.") from e
+            model = full.model
+            del full
+            self.image_mean, self.image_std = _read_image_norm(cfg.backbone, cfg.revision, self.family)
+        model.config.use_cache = False
+        self.model = model
+        self.tokenizer = tokenizer
+        self.attn_implementation = attn
+
+        first = add_act_tokens(tokenizer, cfg.chunk_size)
+        gen = torch.Generator().manual_seed(cfg.init_seed + 1)
+        act_embedding = ActTokenEmbedding(model.get_input_embeddings(), first, cfg.chunk_size, gen)
+        model.set_input_embeddings(act_embedding)  # registered once, inside the model (stable parameter names)
+        self.act_token_ids = list(range(first, first + cfg.chunk_size))
+
+        vc = model.config.vision_config
+        self.patch_size = int(vc.patch_size)
+        self.merge_size = int(vc.spatial_merge_size)
+        self.temporal_patch_size = int(vc.temporal_patch_size)
+        self.hidden_size = int(model.config.text_config.hidden_size)
+        self.image_token_id = int(model.config.image_token_id)
+        if tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
+            raise WmvlaError(f"tokenizer id of {IMAGE_PAD} ({tokenizer.convert_tokens_to_ids(IMAGE_PAD)}) differs from "
+                             f"the model's image_token_id ({self.image_token_id}): tokenizer and weights do not match")
+        factor = self.patch_size * self.merge_size
+        if cfg.image_size % factor:
+            raise WmvlaError(f"image_size={cfg.image_size} is not a multiple of patch_size*merge_size={factor} for "
+                             f"{cfg.backbone!r}; use e.g. {max(factor, round(cfg.image_size / factor) * factor)}")
+        self._rope_index_kwargs = set(inspect.signature(model.get_rope_index).parameters)
+        self.merged_grid = cfg.image_size // factor  # merged tokens per image side
+        self.tokens_per_image = self.merged_grid**2
+        self.vectorized_positions = cfg.vectorized_positions
+
+    # -------------------------------------------------------------------------------------------- parts
+
+    @property
+    def act_embedding(self) -> ActTokenEmbedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @torch.no_grad()
+    def hf_rope_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                      image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """M-RoPE position ids [3, B, L] by transformers' own `get_rope_index` (reference for the tests)."""
+        kwargs = dict(input_ids=input_ids, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                      attention_mask=attention_mask)
+        kwargs = {k: v for k, v in kwargs.items() if k in self._rope_index_kwargs}
+        position_ids, _ = self.model.get_rope_index(**kwargs)
+        return position_ids
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                image_grid_thw: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None and self.vectorized_positions:
+            position_ids = mrope_position_ids(mm_token_type_ids, attention_mask, self.merged_grid, self.merged_grid)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.last_hidden_state
+
+
+def save_tiny_checkpoint(cfg: PolicyConfig, path: str | os.PathLike) -> None:
+    """Write a tiny random ForConditionalGeneration + tokenizer folder (used to test the real loading path)."""
+    family = resolve_family(cfg)
+    _, _, full_cls = _model_classes(family)
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_model_config(family, cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = full_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,379 @@
+"""VLAPolicy: Qwen-VL backbone -> <ACT_i> readout (+ proprio) -> optional Model-F world memory -> action head.
+
+    prompt = [image: agent view][image: wrist view] instruction <ACT_0> ... <ACT_{H-1}>
+    h      = LayerNorm(last hidden state at the ACT positions)            [B, H, d]
+    h      = h + StateMLP(normalised state)                               (use_state)
+    h      = h + tanh(g) * CrossAttn(h, memory)                           (memory != none; g starts at 0)
+    loss   = head loss on the normalised action chunk + w * Prophet loss  (the policy owns the Prophet)
+
+Memory modes (`cfg.memory` in training, `cfg.rollout_memory` / `memory_mode=` at evaluation). The memory is
+given to the memory module in the Prophet's standardised latent space ((z - mean) / std, the statistics the
+trainer sets with `set_world_normalization`), so "zero" means "the average latent" and a norm-matched
+Gaussian is a fair content-free replacement:
+    pred     Prophet(world_history) (detached from the Prophet unless detach_memory=False)     -- E2
+    zero     all zeros                                                                            -- E1
+    random   Gaussian with the per-slot norms of the pred memory
+    shuffle  another sample's pred memory (batch rolled by one; at batch size 1 a memory from an earlier call)
+    oracle   the true future latents world_future
+    none     no memory module at all                                                              -- E0
+
+Precision: every trainable parameter (and so the AdamW state) is fp32; frozen backbone weights may be bf16
+(`frozen_dtype`); compute runs under torch.autocast(bfloat16) when `autocast_bf16` is set, in `forward` and in
+`predict_action` alike. `check_precision()` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmvla.policy.backbone import VLBackbone
+from wmvla.policy.config import PolicyConfig
+from wmvla.policy.heads import FlowHead, MSEHead, masked_mse
+from wmvla.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
+from wmvla.policy.processing import PolicyProcessor, move_to_device, pixel_values_from_images
+from wmvla.utils import WmvlaError
+
+log = logging.getLogger(__name__)
+
+# LoRA targets: the language model's attention and MLP projections (not the vision tower, whose Qwen2.5-VL
+# MLP uses the same gate/up/down names).
+LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _resolve_frozen_dtype(cfg: PolicyConfig) -> torch.dtype:
+    if cfg.frozen_dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_available() and cfg.autocast_bf16 else torch.float32
+    else:
+        dtype = torch.bfloat16 if cfg.frozen_dtype == "bfloat16" else torch.float32
+    if dtype == torch.bfloat16 and not cfg.autocast_bf16:
+        raise WmvlaError("frozen_dtype=bfloat16 needs autocast_bf16=True (bf16 frozen weights next to fp32 trainable "
+                         "ones only compose under autocast); set autocast_bf16=True or frozen_dtype=float32")
+    return dtype
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, stats: Mapping):
+        super().__init__()
+        self.cfg = cfg
+        self.stats = stats
+        self.backbone = VLBackbone(cfg)
+        self.processor = PolicyProcessor.from_backbone(cfg, self.backbone, stats)
+        d = self.backbone.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed + 2)
+            # The ACT readout is normalised so the heads see the same scale for every backbone (the Qwen final
+            # RMSNorm output has a large per-channel scale).
+            self.readout_norm = nn.LayerNorm(d)
+            # Proprio: projected and added to every ACT state, not inserted as a prompt token. (1) The
+            # normalised state reaches the heads unblurred by 28 bf16 layers; (2) the backbone call stays a
+            # plain transformers call with input_ids (positions, image masks computed by transformers);
+            # (3) it is on from step 0 with no gate: every experiment (E0..E3) has it, unlike the memory,
+            # whose zero gate exists to make E1 == E0 at the start.
+            self.state_proj = (nn.Sequential(nn.Linear(cfg.state_dim, d), nn.SiLU(), nn.Linear(d, d))
+                               if cfg.use_state else None)
+            if cfg.has_memory:
+                from wmvla.world.prophet import Prophet, ProphetConfig
+
+                self.memory = GatedMemoryAttention(d, cfg.world_dim, cfg.world_horizon, cfg.memory_heads,
+                                                   cfg.memory_gate)
+                self.prophet = Prophet(ProphetConfig(
+                    dim=cfg.world_dim, history=cfg.world_history, horizon=cfg.world_horizon, width=cfg.prophet_width,
+                    depth=cfg.prophet_depth, heads=cfg.prophet_heads, delta=cfg.prophet_delta, loss=cfg.prophet_loss))
+            else:
+                self.memory = None
+                self.prophet = None
+            if cfg.head == "mse":
+                self.head = MSEHead(d, cfg.head_hidden, cfg.action_dim)
+            else:
+                self.head = FlowHead(d, cfg.flow_width, cfg.flow_depth, cfg.flow_heads, cfg.action_dim,
+                                     cfg.chunk_size, cfg.flow_steps, cfg.flow_time_sampling)
+        self._shuffle_bank = ShuffleBank(cfg.shuffle_bank_size)
+        self._configure_finetuning()
+        if cfg.gradient_checkpointing:
+            self.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.check_precision()
+
+    @classmethod
+    def from_config(cls, cfg: PolicyConfig, stats: Mapping) -> "VLAPolicy":
+        """The same modules (and, for the tiny backbone, the same seeded weights); then load_trainable_state_dict."""
+        return cls(cfg, stats)
+
+    # ------------------------------------------------------------------------------ trainable set, dtypes
+
+    def _configure_finetuning(self) -> None:
+        cfg = self.cfg
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=LORA_TARGET_REGEX, bias="none")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed + 3)
+                inject_adapter_in_model(lora, self.backbone.model)
+            if not any("lora_" in n for n, _ in self.named_parameters()):
+                raise WmvlaError(f"LoRA found no target modules matching {LORA_TARGET_REGEX!r} in {cfg.backbone!r}")
+        frozen_dtype = _resolve_frozen_dtype(cfg)
+        for name, p in self.named_parameters():
+            trainable = self._is_trainable(name)
+            p.requires_grad_(trainable)
+            p.data = p.data.to(torch.float32 if trainable else frozen_dtype)
+
+    def _is_trainable(self, name: str) -> bool:
+        if not name.startswith("backbone."):
+            return True  # new modules: readout norm, state projection, memory, Prophet, head
+        if name.endswith("embed_tokens.act_weight"):
+            return True  # the <ACT_i> rows train in every mode
+        if "lora_" in name:
+            return True
+        mode = self.cfg.finetune
+        if mode == "full":
+            return True
+        if mode == "frozen_vision":
+            return ".visual." not in name
+        return False  # lora, heads_only: the backbone's own weights are frozen
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything the optimizer must update -- give exactly these to it."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @staticmethod
+    def parameter_group(name: str) -> str:
+        if name.endswith("act_weight"):
+            return "act_embedding"
+        if "lora_" in name:
+            return "lora"
+        if name.startswith("backbone."):
+            return "backbone.vision" if ".visual." in name else "backbone.language"
+        return name.split(".")[0]
+
+    def trainable_summary(self) -> dict[str, int]:
+        """Parameter counts per group: trainable ones by group, plus `trainable_total` and `frozen_total`."""
+        out: dict[str, int] = {}
+        frozen = 0
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                g = self.parameter_group(n)
+                out[g] = out.get(g, 0) + p.numel()
+            else:
+                frozen += p.numel()
+        out = dict(sorted(out.items()))
+        out["trainable_total"] = sum(out.values())
+        out["frozen_total"] = frozen
+        return out
+
+    def check_precision(self) -> None:
+        """Refuse trainable parameters that are not fp32 (bf16 AdamW updates below ~2^-8 relative vanish)."""
+        bad = [f"{n} ({p.dtype})" for n, p in self.trainable_parameters() if p.dtype != torch.float32]
+        if bad:
+            raise WmvlaError(f"trainable parameters must be float32 (master weights), found: {bad[:5]}"
+                             f"{' ...' if len(bad) > 5 else ''}. Do not cast the policy with .half()/.bfloat16(); "
+                             "use autocast_bf16 for bf16 compute.")
+
+    def _persistent_keys(self) -> set[str]:
+        """Keys of the trainable-weights state dict: trainable parameters + buffers of the new modules."""
+        keys = {n for n, _ in self.trainable_parameters()}
+        keys |= {n for n, _ in self.named_buffers() if not n.startswith("backbone.")}
+        return keys & set(self.state_dict().keys())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must store: trainable weights (+ Prophet normalisation buffers); no frozen backbone."""
+        keys = self._persistent_keys()
+        return {k: v.detach() for k, v in self.state_dict().items() if k in keys}
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a `trainable_state_dict`; every trainable key must be present and no other key."""
+        expected = self._persistent_keys()
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise WmvlaError(f"trainable state dict does not match this policy config: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]} ({len(missing)} / {len(unexpected)} in all). "
+                             "Build the policy from the checkpoint's own config.")
+        self.load_state_dict(dict(state_dict), strict=False)
+        self.check_precision()
+
+    @property
+    def tokenizer(self):
+        """The tokenizer with the <ACT_i> tokens (save it with the checkpoint)."""
+        return self.backbone.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_world_normalization(self, mean, std) -> None:
+        """Per-dimension latent mean/std (from the latent cache) for the Prophet and the memory space."""
+        if self.prophet is None:
+            raise WmvlaError("this policy has no world memory (memory=none): nothing to normalise")
+        self.prophet.set_normalization(mean, std)
+
+    def autocast(self):
+        device_type = self.device.type
+        if not self.cfg.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+    # -------------------------------------------------------------------------------------------- model
+
+    def prepare(self, batch: Mapping) -> dict:
+        """Raw batch (images/state/task...) or already processed one -> processed tensors on the model's device."""
+        inputs = batch if "input_ids" in batch else self.processor(batch)
+        return move_to_device(inputs, self.device)
+
+    def encode(self, inputs: Mapping) -> torch.Tensor:
+        """Processed inputs -> ACT states [B, H, d] (fp32) after readout norm and proprio."""
+        bb = self.backbone
+        images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
+        pixel_values, grid = pixel_values_from_images(images.flatten(0, 1), bb.image_mean, bb.image_std,
+                                                      bb.patch_size, bb.merge_size, bb.temporal_patch_size)
+        hidden = bb(inputs["input_ids"], inputs["attention_mask"], pixel_values, grid, inputs["mm_token_type_ids"])
+        index = inputs["act_index"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        h = self.readout_norm(hidden.gather(1, index).float())
+        if self.state_proj is not None:
+            h = h + self.state_proj(inputs["state"].to(h.dtype))
+        return h.float()
+
+    def _memory(self, mode: str, inputs: Mapping, world_pred: torch.Tensor | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """Memory [B, K, D] in the Prophet's standardised latent space for the given mode."""
+        b = inputs["input_ids"].shape[0]
+        shape = (b, self.cfg.world_horizon, self.cfg.world_dim)
+        if mode == "zero":
+            return torch.zeros(shape, device=self.device)
+        if mode == "oracle":
+            if inputs.get("world_future") is None:
+                raise WmvlaError("memory mode oracle needs world_future (the true future latents); at rollout they "
+                                 "do not exist -- evaluate with rollout_memory=pred/zero/random/shuffle")
+            return self.prophet.normalize(inputs["world_future"])
+        if world_pred is None:
+            raise WmvlaError(f"memory mode {mode} needs world_history [B, T={self.cfg.world_history}, "
+                             f"D={self.cfg.world_dim}] (the Prophet's input)")
+        pred = self.prophet.normalize(world_pred.detach() if self.cfg.detach_memory or mode != "pred" else world_pred)
+        if mode == "pred":
+            return pred
+        if mode == "random":
+            return random_like_memory(pred, generator)
+        if mode == "shuffle":
+            if b > 1:
+                out = pred.roll(1, dims=0)
+            else:
+                drawn = self._shuffle_bank.draw(1, generator)
+                if drawn is None:
+                    log.warning("shuffle memory at batch size 1 with an empty bank: using zeros for this call")
+                    out = torch.zeros_like(pred)
+                else:
+                    out = drawn.to(pred.device)
+            self._shuffle_bank.push(pred)
+            return out
+        raise WmvlaError(f"unknown memory mode {mode!r}")
+
+    def _resolve_mode(self, memory_mode: str | None, rollout: bool) -> str:
+        cfg = self.cfg
+        if memory_mode is None:
+            memory_mode = (cfg.rollout_memory or cfg.memory) if rollout else cfg.memory
+            if rollout and memory_mode == "oracle" and cfg.rollout_memory is None:
+                raise WmvlaError("trained with oracle memory: choose rollout_memory (pred/zero/random/shuffle) "
+                                 "or pass memory_mode=")
+        if (memory_mode == "none") != (self.memory is None):
+            raise WmvlaError(f"memory_mode={memory_mode!r} but this policy was built with memory={cfg.memory!r}: "
+                             "none means the module does not exist (E0); a policy with the module uses zero instead")
+        return memory_mode
+
+    def _run(self, inputs: Mapping, mode: str, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        """Shared by forward and predict: ACT states after memory + diagnostics + Prophet prediction."""
+        info: dict = {"memory_mode": mode}
+        h = self.encode(inputs)
+        world_pred = None
+        if self.prophet is not None and inputs.get("world_history") is not None:
+            world_pred = self.prophet(inputs["world_history"].float())
+        info["world_pred"] = world_pred
+        if self.memory is not None:
+            mem = self._memory(mode, inputs, world_pred, generator)
+            info["memory_norm"] = mem.detach().float().norm(dim=-1).mean()
+            h, mem_info = self.memory(h, mem.float())
+            info.update(mem_info)
+        return h.float(), info
+
+    def forward(self, batch: Mapping, memory_mode: str | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        """Training/validation step. Returns loss (with graph) and detached diagnostics:
+        action_loss, world_loss, gate (|tanh g|), memory_norm, attn_entropy, memory_mode."""
+        inputs = self.prepare(batch)
+        if inputs.get("actions") is None:
+            raise WmvlaError("forward needs `actions` (and action_mask) in the batch; use predict_action at rollout")
+        mode = self._resolve_mode(memory_mode, rollout=False)
+        with self.autocast():
+            h, info = self._run(inputs, mode, generator)
+            action_loss = self.head.loss(h, inputs["actions"], inputs.get("action_mask"), generator)
+            world_loss = None
+            world_pred = info.pop("world_pred")
+            if (world_pred is not None and inputs.get("world_future") is not None
+                    and self.cfg.world_loss_weight > 0):
+                mask = inputs.get("future_mask")
+                if mask is None:
+                    mask = torch.ones(world_pred.shape[:2], dtype=torch.bool, device=world_pred.device)
+                world_loss = self.prophet.loss(world_pred.float(), inputs["world_future"].float(), mask)
+        loss = action_loss.float()
+        if world_loss is not None:
+            loss = loss + self.cfg.world_loss_weight * world_loss.float()
+        out = {"loss": loss, "action_loss": action_loss.detach().float(),
+               "world_loss": (world_loss.detach().float() if world_loss is not None
+                              else torch.zeros((), device=loss.device))}
+        out.update({k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
+        return out
+
+    @torch.no_grad()
+    def predict_normalized(self, batch: Mapping, memory_mode: str | None = None,
+                           generator: torch.Generator | None = None, rollout: bool = True) -> torch.Tensor:
+        """Normalised action chunks [B, H, A] (fp32) for a raw or processed batch; eval mode, same autocast."""
+        was_training = self.training
+        self.eval()
+        try:
+            inputs = self.prepare(batch)
+            mode = self._resolve_mode(memory_mode, rollout=rollout)
+            with self.autocast():
+                h, _ = self._run(inputs, mode, generator)
+                return self.head.predict(h, generator).float()
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict_action(self, observation: Mapping | Sequence[Mapping], world_history=None,
+                       memory_mode: str | None = None, generator: torch.Generator | int | None = None,
+                       task: str | Sequence[str] | None = None, world_future=None) -> np.ndarray:
+        """Raw observation(s) -> denormalised action chunk: [H, A] for one observation, [B, H, A] for a list.
+
+        An observation is {"images": {camera_key: uint8 HxWx3} (or an array [n_cams, H, W, 3] in
+        camera_keys order), "state": float [S], "task": str}; `task=` overrides/supplies the instruction.
+        world_history: [T, D] or [B, T, D] latents for memory modes pred/random/shuffle. generator: a
+        torch.Generator on the model's device or an int seed (flow noise, random memory).
+        """
+        single = isinstance(observation, Mapping)
+        observations = [observation] if single else list(observation)
+        if task is None:
+            tasks = [o.get("task") for o in observations]
+        else:
+            tasks = [task] * len(observations) if isinstance(task, str) else list(task)
+        inputs = self.processor.observations(observations, tasks)
+        for key, value in (("world_history", world_history), ("world_future", world_future)):
+            if value is not None:
+                t = torch.as_tensor(np.asarray(value, dtype=np.float32) if not isinstance(value, torch.Tensor)
+                                    else value, dtype=torch.float32)
+                inputs[key] = t.unsqueeze(0) if t.ndim == 2 else t
+        if isinstance(generator, int):
+            generator = torch.Generator(device=self.device).manual_seed(generator)
+        chunk = self.predict_normalized(inputs, memory_mode=memory_mode, generator=generator, rollout=True)
+        actions = self.processor.unnormalize_actions(chunk)
+        return actions[0] if single else actions
+
+    def action_mse(self, batch: Mapping, memory_mode: str | None = None,
+                   generator: torch.Generator | None = None) -> float:
+        """MSE of predicted vs true normalised actions over valid steps (flow: sampled chunks)."""
+        inputs = self.prepare(batch)
+        pred = self.predict_normalized(inputs, memory_mode=memory_mode, generator=generator, rollout=False)
+        return float(masked_mse(pred, inputs["actions"], inputs.get("action_mask")))
