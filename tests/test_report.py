@@ -65,10 +65,13 @@ def write_eval(root: Path, exp: str, head: str, memory: str, seed: int, episodes
     run = root / exp / tag / f"seed{seed}"
     folder = run / (name or f"eval_metaworld_mt_{memory}")
     folder.mkdir(parents=True, exist_ok=True)
-    for task, init, ok in episodes:
-        append_jsonl(folder / "episodes.jsonl", {
-            "env": "metaworld", "suite": "mt", "task": task, "init_index": init, "seed": 1000 + init,
-            "condition": memory, "success": ok, "steps": 40 if ok else max_steps, "wall_s": 0.1, "error": None})
+    # one write per file (append_jsonl fsyncs every line, too slow for thousands of synthetic episodes)
+    with open(folder / "episodes.jsonl", "a", encoding="utf-8") as f:
+        for task, init, ok in episodes:
+            f.write(json.dumps({
+                "env": "metaworld", "suite": "mt", "task": task, "init_index": init, "seed": 1000 + init,
+                "condition": memory, "success": ok, "steps": 40 if ok else max_steps, "wall_s": 0.1,
+                "error": None}) + "\n")
     k = sum(ok for _, _, ok in episodes)
     atomic_write_json(folder / "summary.json", {
         "overall": {"success_rate": k / len(episodes), "n": len(episodes), "ci95": [0, 1]},
@@ -373,3 +376,36 @@ def test_ceiling_is_not_called_unsupported(tmp_path):
     crit = s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]
     assert crit["status"] == "inconclusive" and "ceiling" in crit["sentence"]
     assert s["verdict"]["overall"] == "inconclusive: ceiling"
+
+
+def test_warnings_for_errors_unfinished_and_mixed_folders(tmp_path):
+    root = make_root(tmp_path, train_logs=False)
+    # an episode that crashed counts as a failure and is reported
+    folder = next((root / "E0").rglob("seed0/eval_*"))
+    lines = [json.loads(x) for x in (folder / "episodes.jsonl").read_text().splitlines()]
+    lines[0]["success"], lines[0]["error"] = False, "worker died"
+    (folder / "episodes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # an unfinished evaluation (no summary.json yet) and a folder mixing two rollout memories are skipped
+    write_eval(root, "E2", "mse", "pred", 5, [("reach-v3", 0, True)], name="eval_unfinished")
+    (root / "E2" / "tiny_m4_delta_mse" / "seed5" / "eval_unfinished" / "summary.json").unlink()
+    mixed = write_eval(root, "E2", "mse", "pred", 6, [("reach-v3", 0, True)], name="eval_mixed")
+    with open(mixed / "episodes.jsonl", "a") as f:
+        f.write(json.dumps({**lines[1], "condition": "zero"}) + "\n")
+    s = report(root)
+    assert s["conditions"]["E0-mse-none"]["errors"] == 1
+    warnings = "\n".join(s["warnings"])
+    assert "1 of 100 episodes ended with an error" in warnings
+    assert "eval_unfinished: episodes.jsonl without summary.json" in warnings
+    assert "eval_mixed: episodes.jsonl mixes conditions" in warnings
+    assert s["conditions"]["E2-mse-pred"]["seed_list"] == [0, 1]  # neither skipped folder was pooled
+    assert "ended with an error" in (root / "report.md").read_text()
+
+
+def test_different_episode_seeds_are_not_matched(tmp_path):
+    # E1 evaluated with another env seed: the init conditions may differ, so the pairs are not matched
+    root = make_root(tmp_path, train_logs=False)
+    for ep in (root / "E1").rglob("episodes.jsonl"):
+        rows = [json.loads(x) for x in ep.read_text().splitlines()]
+        ep.write_text("".join(json.dumps({**r, "seed": r["seed"] + 1}) + "\n" for r in rows))
+    c = comparison(report(root), "E1 vs E0")
+    assert c["status"] == "refused" and "not matched" in c["reason"]

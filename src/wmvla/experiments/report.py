@@ -20,7 +20,7 @@ import datetime as _dt
 import json
 import math
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -28,7 +28,14 @@ from typing import Annotated, Any
 
 import tyro
 
-from wmvla.eval.stats import mcnemar_exact, min_detectable_difference, wilson_interval
+from wmvla.eval.stats import (
+    PAIR_KEY,
+    mcnemar_exact,
+    min_detectable_difference,
+    pair_records,
+    rate_summary,
+    success_summary,
+)
 from wmvla.utils import WmvlaError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
 
@@ -189,6 +196,11 @@ def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[
         if not episodes:
             warnings.append(f"{rel}: episodes.jsonl is empty; skipped.")
             continue
+        labels = sorted({str(e.get("condition")) for e in episodes})
+        if len(labels) > 1:  # one folder must be one rollout memory; pooling several would mix conditions
+            warnings.append(f"{rel}: episodes.jsonl mixes conditions {labels} under one summary.json; skipped. "
+                            "Evaluate each rollout memory into its own folder.")
+            continue
         n_summary = (summary.get("overall") or {}).get("n")
         if n_summary is not None and n_summary != len(episodes):
             warnings.append(f"{rel}: summary.json says n={n_summary} but episodes.jsonl has {len(episodes)} "
@@ -242,48 +254,21 @@ def group_conditions(runs: list[EvalRun]) -> dict[str, Condition]:
 # --------------------------------------------------------------------------------------- statistics
 
 
-def _rate_block(successes: int, n: int) -> dict:
-    lo, hi = wilson_interval(successes, n)
-    return {"success_rate": successes / n if n else float("nan"), "successes": successes, "n": n,
-            "ci95": [lo, hi]}
-
-
 def _settings(c: Condition) -> dict[str, list]:
     """MATCH_FIELDS -> sorted distinct values over the condition's evaluation folders."""
     return {f: sorted({json.dumps(r.config.get(f)) for r in c.runs}) for f in MATCH_FIELDS}
 
 
 def summarize_condition(c: Condition) -> dict:
-    eps = c.episodes
-    k = sum(bool(e["success"]) for e in eps)
-    block = {"experiment": c.experiment, "head": c.head, "rollout_memory": c.rollout_memory,
-             **_rate_block(k, len(eps)), "seeds": len(c.runs), "seed_list": c.seeds}
-    block["per_seed"] = {
-        str(r.seed): _rate_block(sum(bool(e["success"]) for e in r.episodes), len(r.episodes)) for r in
-        sorted(c.runs, key=lambda r: r.seed)
-    }
-    by_task = defaultdict(list)
-    for e in eps:
-        by_task[str(e["task"])].append(bool(e["success"]))
-    block["per_task"] = {t: _rate_block(sum(v), len(v)) for t, v in sorted(by_task.items())}
-    block["errors"] = sum(1 for e in eps if e.get("error"))
+    pooled = success_summary(c.episodes, by="task")  # Wilson intervals, errored episodes as failures
+    block = {"experiment": c.experiment, "head": c.head, "rollout_memory": c.rollout_memory, **pooled["overall"],
+             "seeds": len(c.runs), "seed_list": c.seeds}
+    block["per_seed"] = {str(r.seed): rate_summary(e["success"] for e in r.episodes)
+                         for r in sorted(c.runs, key=lambda r: r.seed)}
+    block["per_task"] = pooled["per_task"]
     block["settings"] = {f: [json.loads(v) for v in vals] for f, vals in _settings(c).items()}
     block["eval_dirs"] = [str(r.path) for r in sorted(c.runs, key=lambda r: r.seed)]
     return block
-
-
-def _outcomes(c: Condition) -> dict[tuple, bool]:
-    """(training seed, suite, task, init_index, repeat) -> success. `repeat` numbers episodes that share the
-    rest of the key (several trials of one init state), in the order of their episode seed."""
-    out = {}
-    for r in c.runs:
-        counts: Counter = Counter()
-        for e in sorted(r.episodes, key=lambda e: (str(e.get("suite")), str(e["task"]), int(e["init_index"]),
-                                                  str(e.get("seed")))):
-            base = (r.seed, str(e.get("suite")), str(e["task"]), int(e["init_index"]))
-            out[base + (counts[base],)] = bool(e["success"])
-            counts[base] += 1
-    return out
 
 
 @dataclass
@@ -329,15 +314,26 @@ def compare(name: str, kind: str, head: str, a: Condition | None, b: Condition |
         if len(sa[f]) == 1 and len(sb[f]) == 1 and sa[f] != sb[f]:
             reasons.append(f"{f} differs: {a.name} {sa[f][0]} vs {b.name} {sb[f][0]}")
     na, nb = len(a.episodes), len(b.episodes)
-    oa, ob = _outcomes(a), _outcomes(b)
     if na != nb:
         reasons.append(f"different episode counts: {a.name} n={na} (seeds {a.seeds}) vs {b.name} n={nb} "
                        f"(seeds {b.seeds})")
-    elif set(oa) != set(ob):
-        only_a = sorted(set(oa) - set(ob))[:3]
-        only_b = sorted(set(ob) - set(oa))[:3]
-        reasons.append(f"the episodes are not matched (seed, suite, task, init_index): only in {a.name} e.g. "
-                       f"{only_a}, only in {b.name} e.g. {only_b}")
+    elif a.seeds != b.seeds:
+        reasons.append(f"different training seeds: {a.name} {a.seeds} vs {b.name} {b.seeds}")
+    # Pairs are matched within each training seed (seed k of A with seed k of B) on stats.PAIR_KEY
+    # (env, suite, task, init_index, episode seed); every episode must find its partner.
+    paired: dict[int, list[tuple[bool, bool]]] = {}
+    if not reasons:
+        runs_b = {r.seed: r for r in b.runs}
+        for ra in sorted(a.runs, key=lambda r: r.seed):
+            try:
+                pe = pair_records(ra.episodes, runs_b[ra.seed].episodes)
+            except WmvlaError as e:
+                reasons.append(f"seed {ra.seed}: {e}")
+                continue
+            if pe.only_in_a or pe.only_in_b:
+                reasons.append(f"the episodes are not matched ({', '.join(PAIR_KEY)}): training seed {ra.seed} has "
+                               f"{pe.only_in_a} episodes only in {a.name} and {pe.only_in_b} only in {b.name}")
+            paired[ra.seed] = pe.pairs
     if same_checkpoint:
         ca = {r.seed: r.config.get("checkpoint") for r in a.runs}
         cb = {r.seed: r.config.get("checkpoint") for r in b.runs}
@@ -346,23 +342,23 @@ def compare(name: str, kind: str, head: str, a: Condition | None, b: Condition |
             s = diff_ckpt[0]
             reasons.append(f"a rollout ablation must use the same checkpoint, but seed {s} used {ca[s]!r} for "
                            f"{a.name} and {cb[s]!r} for {b.name}")
-    cmp.a_rate = sum(oa.values()) / na
-    cmp.b_rate = sum(ob.values()) / nb
+    cmp.a_rate = sum(bool(e["success"]) for e in a.episodes) / na
+    cmp.b_rate = sum(bool(e["success"]) for e in b.episodes) / nb
     cmp.diff = cmp.a_rate - cmp.b_rate
     if reasons:
         cmp.status = "refused"
         cmp.reason = "; ".join(reasons)
         return cmp
-    keys = sorted(oa)
-    for seed in sorted({k[0] for k in keys}):
-        ks = [k for k in keys if k[0] == seed]
-        cmp.per_seed_diff[str(seed)] = (sum(oa[k] for k in ks) - sum(ob[k] for k in ks)) / len(ks)
-    res = mcnemar_exact([(oa[k], ob[k]) for k in keys])
-    cmp.n_pairs = len(keys)
-    cmp.both, cmp.a_only, cmp.b_only, cmp.neither = res.both, res.a_only, res.b_only, res.neither
+    for seed, pairs in paired.items():
+        cmp.per_seed_diff[str(seed)] = sum(int(x) - int(y) for x, y in pairs) / len(pairs)
+    res = mcnemar_exact([p for pairs in paired.values() for p in pairs])
+    cmp.n_pairs = res.n_pairs
+    cmp.both, cmp.a_only, cmp.b_only, cmp.neither = res.both, res.only_a, res.only_b, res.neither
     cmp.p_value = float(res.p_value)
     cmp.significant = cmp.p_value < cfg.alpha
-    cmp.mdd = float(min_detectable_difference(cmp.n_pairs, cmp.b_rate, alpha=cfg.alpha, power=cfg.power))
+    # at a 100 % baseline no increase exists; the mirror (a drop from 100 %) is what could be detected
+    p0 = cmp.b_rate if cmp.b_rate < 1.0 else 0.0
+    cmp.mdd = float(min_detectable_difference(cmp.n_pairs, p0, alpha=cfg.alpha, power=cfg.power))
     return cmp
 
 
@@ -807,7 +803,8 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     out.append("")
 
     out += ["## Paired comparisons", "",
-            "Exact McNemar test (two-sided) over episodes matched by (training seed, suite, task, init index). "
+            "Exact McNemar test (two-sided) over episodes matched by training seed and (env, suite, task, init index, "
+            "episode seed). "
             "\"A only\" counts pairs where A succeeded and B failed. MDD: minimal detectable difference at this n "
             f"(alpha {cfg.alpha}, power {cfg.power:.0%}, at B's rate).", ""]
     rows = []
