@@ -28,6 +28,7 @@ from wmvla.envs.registry import (
     METAWORLD_MAX_STEPS_LIMIT,
     EnvConfig,
     camera_keys,
+    configure_gl,
 )
 from wmvla.utils import WmvlaError
 
@@ -162,7 +163,8 @@ class MetaWorldEnv:
 
     action_dim = 4
 
-    def __init__(self, cfg: EnvConfig, task: str):
+    def __init__(self, cfg: EnvConfig, task: str, end_on_success: bool = True):
+        """`end_on_success=False` (data generation only) lets an episode run on after its first success."""
         if cfg.env != "metaworld":
             raise WmvlaError(f"MetaWorldEnv needs EnvConfig(env='metaworld'), got env={cfg.env!r}")
         if task not in METAWORLD_INSTRUCTIONS:
@@ -171,6 +173,7 @@ class MetaWorldEnv:
         for name in [s.camera] + ([s.wrist_camera] if cfg.use_wrist_camera else []):
             if name != "agentview" and name not in MODEL_CAMERAS:
                 raise WmvlaError(f"unknown metaworld camera {name!r}; valid: {['agentview', *MODEL_CAMERAS]}")
+        configure_gl(cfg.render_backend)  # before the first mujoco import of this process
         import metaworld
         import mujoco
 
@@ -191,6 +194,8 @@ class MetaWorldEnv:
         if len(self._configs) != METAWORLD_CONFIGS_PER_SEED:
             raise WmvlaError(f"metaworld MT1 returned {len(self._configs)} configurations, expected 50")
         self._env = benchmark.train_classes[task]()  # no gymnasium renderer: we render with mujoco.Renderer
+        self.end_on_success = end_on_success
+        self.fps = round(1.0 / self._env.dt)  # one env step = frame_skip * timestep = 12.5 ms -> 80 Hz
         model = self._env.model
         # Offscreen buffer settings are read when the GL context is created: set them first.
         model.vis.quality.shadowsize = s.shadow_map_size
@@ -265,7 +270,7 @@ class MetaWorldEnv:
         self._raw_obs = np.asarray(raw, dtype=np.float64)
         self._t += 1
         success = bool(info["success"])
-        self._done = success or self._t >= self.max_steps
+        self._done = (success and self.end_on_success) or self._t >= self.max_steps
         return StepResult(self._observation(), success, self._done, {"step": self._t})
 
     def expert_action(self) -> np.ndarray:
