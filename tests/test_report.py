@@ -235,6 +235,9 @@ def test_underpowered_case(tmp_path):
     assert s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]["status"] == "inconclusive"
     md = (root / "report.md").read_text()
     assert "underpowered" in md and "minimal detectable difference" in md.lower()
+    # E0 succeeds 2/10: a 10-point gain (20 % -> 30 %) needs ceil(293.2) = 294 episodes per condition
+    # (Fleiss without continuity correction, 80 % power; the textbook value)
+    assert "needs about 294 episodes per condition" in s["verdict"]["sentence"]
 
 
 def test_refuses_mismatched_episode_counts(tmp_path):

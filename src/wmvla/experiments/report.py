@@ -34,6 +34,7 @@ from wmvla.eval.stats import (
     min_detectable_difference,
     pair_records,
     rate_summary,
+    required_n_two_proportions,
     success_summary,
 )
 from wmvla.utils import WmvlaError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl
@@ -517,6 +518,10 @@ def build_verdict(comparisons: list[Comparison], cfg: ReportConfig) -> dict:
             weak = [k for k in ("e2_beats_e0", "pred_beats_zero", "pred_beats_random") if st[k] != "supported"]
             sentence = (f"{head}: INCONCLUSIVE, UNDERPOWERED ({n_txt}) — {', '.join(weak)} not significant; "
                         f"differences below about {_pts(mdd)} cannot be detected reliably at this n.")
+            if e2.b_rate is not None and e2.b_rate + cfg.min_effect <= 1.0:
+                need = required_n_two_proportions(e2.b_rate, e2.b_rate + cfg.min_effect, cfg.alpha, cfg.power)
+                sentence += (f" Detecting a {_pts(cfg.min_effect)} gain over E0's {_pct(e2.b_rate)} with "
+                             f"{cfg.power:.0%} power needs about {math.ceil(need)} episodes per condition.")
         per_head[head] = {"overall": overall, "sentence": sentence, "criteria": criteria}
 
     if not per_head:
@@ -531,7 +536,7 @@ def build_verdict(comparisons: list[Comparison], cfg: ReportConfig) -> dict:
         "supported": "The hypothesis (a predicted world signal as memory improves closed-loop success) is "
                      f"SUPPORTED for {heads}.",
         "not supported": f"The hypothesis is NOT SUPPORTED for {heads}.",
-    }.get(overall, f"Verdict for the hypothesis: {overall.upper()} (heads: {heads}).")
+    }.get(overall, f"Verdict for the hypothesis: {overall} (heads: {heads}).")
     sentence = lead + " " + " ".join(v["sentence"] for v in per_head.values())
     if len(per_head) > 1:
         sentence += (f" (Each head is judged at alpha={cfg.alpha} without correction across heads; within a head "
