@@ -21,6 +21,15 @@ from wmvla.world.encoder import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and much faster when other tests share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _smooth_image(rng, h, w):
     small = (rng.random((max(h // 8, 2), max(w // 8, 2), 3)) * 255).astype(np.uint8)
     return np.array(Image.fromarray(small).resize((w, h), Image.BILINEAR))
@@ -55,6 +64,12 @@ def test_clip_buffer_clamps_at_episode_start_and_resets():
         buf.reset()
         assert buf.push(100) == [100] * m  # a new episode never sees the previous one
     assert clip_positions(1, 4) == [0, 0, 0, 1]
+    # the same clamping as the data module's windows (used for the Prophet's history)
+    from wmvla.data.windows import clamp_indices, history_offsets
+
+    for t in range(6):
+        idx, _ = clamp_indices(10 + t, 10, 6, history_offsets(4))
+        assert (idx - 10).tolist() == clip_positions(t, 4)
     with pytest.raises(WmvlaError):
         ClipBuffer(0)
 

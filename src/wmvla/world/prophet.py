@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmvla.data.windows import clamp_indices, future_offsets, history_offsets
 from wmvla.utils import WmvlaError
 
 
@@ -156,13 +157,12 @@ def add_metric_sums(total: dict | None, new: dict) -> dict:
     return {k: total[k] + new[k] for k in total}
 
 
-def episode_windows(starts: np.ndarray, lengths: np.ndarray, history: int, horizon: int):
-    """History/future global indices for every frame of the given episodes (vectorised).
+def episode_windows(starts, lengths, history: int, horizon: int):
+    """History/future global indices for every frame of the given episodes (the data module's clamping).
 
     Returns (frame_index [N], history_index [N, T], future_index [N, K], future_mask [N, K]): history
     t-T+1..t clamped at the episode start (repeating its first frame, as ClipBuffer does), future t+1..t+K
-    clamped at the episode end with mask False there. Never crosses an episode boundary; agrees with
-    `wmvla.data.windows.clamp_indices` (tested).
+    clamped at the episode end with mask False there. Never crosses an episode boundary.
     """
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -170,10 +170,7 @@ def episode_windows(starts: np.ndarray, lengths: np.ndarray, history: int, horiz
         raise WmvlaError("episode_windows: every episode needs at least one frame.")
     ep = np.repeat(np.arange(len(starts)), lengths)
     pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # step within episode
-    s, n = starts[ep][:, None], lengths[ep][:, None]
-    hist_off = np.arange(-history + 1, 1)[None]
-    fut_off = np.arange(1, horizon + 1)[None]
-    hist = s + np.clip(pos[:, None] + hist_off, 0, n - 1)
-    fut_raw = pos[:, None] + fut_off
-    fut = s + np.clip(fut_raw, 0, n - 1)
-    return starts[ep] + pos, hist, fut, fut_raw < n
+    t = starts[ep] + pos
+    hist, _ = clamp_indices(t, starts[ep], lengths[ep], history_offsets(history))
+    fut, mask = clamp_indices(t, starts[ep], lengths[ep], future_offsets(horizon))
+    return t, hist, fut, mask
