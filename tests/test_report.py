@@ -91,9 +91,10 @@ def write_train_log(root: Path, exp: str, head: str, seed: int, steps: int = 50,
             rec["world_loss"] = 0.5 / (1 + 0.05 * step)
         if exp != "E0":
             rec["gate"] = gate_fn(step) if gate_fn else 0.002 * step
-        if step % 20 == 0:
-            rec["val_action_mse"] = 0.8 / (1 + 0.1 * step)
         append_jsonl(log, rec)
+        if step % 20 == 0:  # validation rows go to val_log.jsonl (wmvla.train.rundir layout)
+            append_jsonl(log.parent / "val_log.jsonl", {"step": step, "action_mse": 0.8 / (1 + 0.1 * step)})
+    atomic_write_json(log.parent / "done.json", {"final_step": steps})
 
 
 def write_condition(root: Path, exp: str, head: str, memory: str, outcomes: list[bool],
@@ -342,6 +343,9 @@ def test_plots_are_valid_pngs_and_cli_writes_everything(tmp_path, capsys):
     assert "E2-mse-pred" in out and "50/100" in out and "verdict" in out
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary["plots"]) == {"conditions", "tasks", "gates", "losses"}
+    assert all(t["finished"] for t in summary["training"])
+    e2 = next(t for t in summary["training"] if t["run"] == "E2/tiny_m4_delta_mse/seed0")
+    assert e2["action_loss_last"] < e2["action_loss_first"] and e2["gate_last"] == pytest.approx(0.09)
     md = (root / "report.md").read_text()
     for rel in summary["plots"].values():
         path = root / rel

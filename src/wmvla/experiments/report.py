@@ -109,7 +109,8 @@ class TrainRun:
     experiment: str
     tag: str
     seed: int | None
-    records: list[dict]
+    records: list[dict]  # train_log.jsonl rows, plus val_log.jsonl rows with keys prefixed "val_"
+    finished: bool = False  # done.json present
 
     @property
     def label(self) -> str:
@@ -218,7 +219,12 @@ def load_train_runs(run_root: Path) -> list[TrainRun]:
         parts = rel.parts
         experiment = _experiment_from_path(rel) or (parts[0] if parts else "?")
         tag = parts[1] if len(parts) >= 3 else rel.as_posix()
-        out.append(TrainRun(log.parent, experiment, tag, _seed_from_path(rel), read_jsonl(log)))
+        records = read_jsonl(log)
+        for r in read_jsonl(log.parent / "val_log.jsonl"):  # wmvla.train.rundir.VAL_LOG
+            records.append({(k if k == "step" or k.startswith("val_") else f"val_{k}"): v for k, v in r.items()})
+        records.sort(key=lambda r: r.get("step", 0))  # stable: train rows keep their order
+        out.append(TrainRun(log.parent, experiment, tag, _seed_from_path(rel), records,
+                            finished=(log.parent / "done.json").exists()))
     return out
 
 
@@ -548,7 +554,9 @@ def build_verdict(comparisons: list[Comparison], cfg: ReportConfig) -> dict:
 
 
 def _gate_value(v: Any) -> float | None:
-    """A logged gate: a number, or a list of per-layer values (-> mean |value|)."""
+    """A logged gate: a number, or a list / dict of per-layer values (-> mean |value|)."""
+    if isinstance(v, dict):
+        v = list(v.values())
     if isinstance(v, (int, float)):
         return float(v)
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
@@ -572,7 +580,7 @@ def training_health(run: TrainRun) -> dict:
     """Last values and red flags of one training log (the earlier attempt's logs showed a stuck gate and a
     flat loss, and nothing turned them into a visible warning)."""
     out: dict[str, Any] = {"run": run.label, "path": str(run.path), "experiment": run.experiment, "tag": run.tag,
-                           "seed": run.seed, "records": len(run.records), "flags": []}
+                           "seed": run.seed, "records": len(run.records), "finished": run.finished, "flags": []}
     steps, loss = _series(run.records, "action_loss")
     out["last_step"] = int(max((r.get("step", 0) for r in run.records), default=0))
     if loss:
@@ -717,7 +725,8 @@ def plot_gates(train_runs: list[TrainRun], path: Path) -> bool:
 def plot_losses(train_runs: list[TrainRun], path: Path) -> bool:
     keys = ["action_loss", "world_loss"]
     val_keys = sorted({k for r in train_runs for rec in r.records for k in rec
-                       if k.startswith("val_") and isinstance(rec[k], (int, float))})
+                       if k.startswith("val_") and isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)},
+                      key=lambda k: ("action" not in k, k))  # action errors first
     panels = [k for k in keys if any(_series(r.records, k)[0] for r in train_runs)] + val_keys[:4]
     if not panels:
         return False
@@ -845,12 +854,12 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     out += ["## Training", ""]
     tr = summary["training"]
     if tr:
-        rows = [[f"`{t['run']}`", str(t["last_step"]),
+        rows = [[f"`{t['run']}`", str(t["last_step"]), "yes" if t["finished"] else "no",
                  f"{t['action_loss_first']:.4g} -> {t['action_loss_last']:.4g}" if "action_loss_last" in t else "-",
                  f"{t['world_loss_last']:.4g}" if "world_loss_last" in t else "-",
                  f"{t['gate_last']:.4g}" if "gate_last" in t else "-",
                  "; ".join(t["flags"]) or "ok"] for t in tr]
-        out.append(_md_table(["run", "last step", "action loss (first -> last)", "world loss (last)", "gate (last)",
+        out.append(_md_table(["run", "last step", "finished (done.json)", "action loss (first -> last)", "world loss (last)", "gate (last)",
                               "flags"], rows))
         for key, title in (("gates", "gate curves"), ("losses", "loss curves")):
             if key in plots:
