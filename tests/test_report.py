@@ -398,12 +398,15 @@ def test_warnings_for_errors_unfinished_and_mixed_folders(tmp_path):
     mixed = write_eval(root, "E2", "mse", "pred", 6, [("reach-v3", 0, True)], name="eval_mixed")
     with open(mixed / "episodes.jsonl", "a") as f:
         f.write(json.dumps({**lines[1], "condition": "zero"}) + "\n")
+    # a LeRobot v2.1 dataset inside the run folder has a meta/episodes.jsonl that is no evaluation
+    append_jsonl(root / "data" / "mt" / "meta" / "episodes.jsonl", {"episode_index": 0, "tasks": ["x"], "length": 9})
     s = report(root)
     assert s["conditions"]["E0-mse-none"]["errors"] == 1
     warnings = "\n".join(s["warnings"])
     assert "1 of 100 episodes ended with an error" in warnings
     assert "eval_unfinished: episodes.jsonl without summary.json" in warnings
     assert "eval_mixed: episodes.jsonl mixes conditions" in warnings
+    assert "meta" not in warnings
     assert s["conditions"]["E2-mse-pred"]["seed_list"] == [0, 1]  # neither skipped folder was pooled
     assert "ended with an error" in (root / "report.md").read_text()
 

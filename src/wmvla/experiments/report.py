@@ -159,6 +159,16 @@ def _excluded(rel: Path, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch(s, p) or fnmatch(s, p.rstrip("/") + "/*") for p in patterns)
 
 
+def _looks_like_eval(path: Path) -> bool:
+    """Whether a JSONL file holds evaluation episodes (its first row has `success`)."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return isinstance(row := json.loads(first), dict) and "success" in row
+    except json.JSONDecodeError:
+        return False
+
+
 def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[EvalRun], list[str]]:
     """Every evaluation folder under run_root -> EvalRun; returns (runs, warnings)."""
     runs, warnings = [], []
@@ -169,6 +179,8 @@ def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[
             continue
         summary_path = folder / "summary.json"
         if not summary_path.exists():
+            if not _looks_like_eval(ep_path):  # e.g. a LeRobot v2.1 dataset's meta/episodes.jsonl
+                continue
             warnings.append(f"{rel}: episodes.jsonl without summary.json (an unfinished evaluation); skipped.")
             continue
         try:
