@@ -419,3 +419,49 @@ def test_different_episode_seeds_are_not_matched(tmp_path):
         ep.write_text("".join(json.dumps({**r, "seed": r["seed"] + 1}) + "\n" for r in rows))
     c = comparison(report(root), "E1 vs E0")
     assert c["status"] == "refused" and "not matched" in c["reason"]
+
+
+def test_reads_summaries_written_by_wmvla_eval(tmp_path):
+    """Summaries from the real `wmvla eval` writer (config without experiment/head/seed: taken from the
+    <E>/<tag>/seed<k> layout; per-task max_steps), plus a scripted reference outside the E0-E3 layout."""
+    from wmvla.envs.registry import EnvConfig
+    from wmvla.eval.cli import result_config, write_summary
+    from wmvla.eval.engine import EngineConfig
+
+    def write(folder: Path, outcomes: list[bool], memory: str, max_steps: int | None = None) -> None:
+        env_cfg = EnvConfig(env="metaworld", suite="mt10", max_steps=max_steps)
+        inits = list(range(len(outcomes) // 2))
+        policy = {"kind": "checkpoint", "checkpoint": str(folder.parent / "checkpoints" / "final"),
+                  "rollout_memory": memory, "seed": 0}
+        config = result_config(env_cfg, list(TASKS), inits, EngineConfig(replan_steps=5), policy, f"ckpt-{memory}")
+        records = [{"env": "metaworld", "suite": "mt10", "task": t, "init_index": k, "seed": 1000,
+                    "condition": f"ckpt-{memory}", "success": ok, "steps": 50, "wall_s": 0.1, "error": None}
+                   for (t, k), ok in zip([(t, k) for t in TASKS for k in inits], outcomes, strict=True)]
+        folder.mkdir(parents=True)
+        (folder / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_summary(folder, records, config)
+
+    e2, e0 = paired_pattern(40, 10, 12, 1)
+    for seed in (0, 1):
+        sl = slice(20 * seed, 20 * seed + 20)
+        write(tmp_path / "E0" / "tiny_m4_delta_mse" / f"seed{seed}" / "eval_mt10_pred", e0[sl], "pred")
+        write(tmp_path / "E2" / "tiny_m4_delta_mse" / f"seed{seed}" / "eval_mt10_pred", e2[sl], "pred")
+        write(tmp_path / "E2" / "tiny_m4_delta_mse" / f"seed{seed}" / "eval_mt10_zero", e0[sl], "zero")
+        write(tmp_path / "E2" / "tiny_m4_delta_mse" / f"seed{seed}" / "eval_mt10_random", e0[sl], "random",
+              max_steps=200 if seed == 1 else None)
+    write(tmp_path / "reference" / "scripted_expert", [True] * 19 + [False], "expert")
+
+    s = report(tmp_path)
+    assert set(s["conditions"]) == {"E0-mse-none", "E2-mse-pred", "E2-mse-zero", "E2-mse-random"}
+    assert s["conditions"]["E0-mse-none"]["seed_list"] == [0, 1]
+    c = comparison(s, "E2 vs E0")
+    assert c["status"] == "ok" and (c["a_only"], c["b_only"]) == (12, 1)
+    assert c["p_value"] == pytest.approx(mcnemar_by_hand(12, 1))
+    assert comparison(s, "E2 pred vs zero")["status"] == "ok"
+    refused = comparison(s, "E2 pred vs random")
+    assert refused["status"] == "refused" and "max_steps" in refused["reason"]
+    assert comparison(s, "E1 vs E0")["status"] == "missing"
+    assert s["references"]["reference/scripted_expert"]["n"] == 20
+    assert s["references"]["reference/scripted_expert"]["successes"] == 19
+    md = (tmp_path / "report.md").read_text()
+    assert "150 (all 2 tasks)" in md and "reference/scripted_expert" in md

@@ -101,6 +101,8 @@ class EvalRun:
     seed: int
     config: dict
     episodes: list[dict]
+    settings: dict = field(default_factory=dict)  # MATCH_FIELDS, resolved from the config
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -169,9 +171,11 @@ def _looks_like_eval(path: Path) -> bool:
         return False
 
 
-def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[EvalRun], list[str]]:
-    """Every evaluation folder under run_root -> EvalRun; returns (runs, warnings)."""
-    runs, warnings = [], []
+def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()
+                   ) -> tuple[list[EvalRun], list[str], list[tuple[Path, dict]]]:
+    """Every evaluation folder under run_root -> EvalRun; returns (runs, warnings, references), references
+    being (relative folder, summary.json) of evaluations outside the E0..E3 layout (e.g. scripted)."""
+    runs, warnings, references = [], [], []
     for ep_path in sorted(run_root.rglob("episodes.jsonl")):
         folder = ep_path.parent
         rel = folder.relative_to(run_root)
@@ -189,18 +193,24 @@ def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[
             raise WmvlaError(f"{summary_path}: not valid JSON ({e}). Re-run the evaluation or exclude the folder.")
         cfg = summary.get("config") or {}
         experiment = cfg.get("experiment") or _experiment_from_path(rel)
+        if experiment is None or (experiment not in EXPERIMENTS and cfg.get("experiment") is None):
+            # not a matrix condition (e.g. the scripted expert as a reference): listed, never compared
+            references.append((rel, summary))
+            continue
+        if experiment not in EXPERIMENTS:
+            raise WmvlaError(f"{summary_path}: experiment {experiment!r}, expected one of {EXPERIMENTS}.")
         # The training seed: the run folder's seed<k> (evaluations sit inside it), else the config's seed.
         seed = _seed_from_path(rel)
         seed = cfg.get("seed") if seed is None else seed
-        missing = [k for k, v in (("experiment", experiment), ("head", cfg.get("head")), ("seed", seed)) if v is None]
+        head = _resolve_head(cfg, rel)
+        missing = [k for k, v in (("head", head), ("seed", seed)) if v is None]
         if missing:
             raise WmvlaError(
-                f"{summary_path}: config lacks {missing} (expected summary.json['config'] with 'experiment', "
-                f"'head', 'seed', 'rollout_memory', ...). Re-run `wmvla eval` with a current wmvla, or exclude "
-                f"the folder with --exclude '{rel.as_posix()}'."
+                f"{summary_path}: cannot tell the {' and '.join(missing)} of this evaluation (expected "
+                "summary.json['config'] with 'head' and 'seed', or the folder layout <E>/<tag ending in _mse or "
+                f"_flow>/seed<k>/...). Re-run it through `wmvla matrix`, or exclude it with --exclude "
+                f"'{rel.as_posix()}'."
             )
-        if experiment not in EXPERIMENTS:
-            raise WmvlaError(f"{summary_path}: experiment {experiment!r}, expected one of {EXPERIMENTS}.")
         episodes = read_jsonl(ep_path)
         for i, e in enumerate(episodes):
             lacking = [k for k in ("task", "init_index", "success") if k not in e]
@@ -219,9 +229,32 @@ def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()) -> tuple[list[
         if n_summary is not None and n_summary != len(episodes):
             warnings.append(f"{rel}: summary.json says n={n_summary} but episodes.jsonl has {len(episodes)} "
                             "episodes; the report uses the episodes.")
-        memory = cfg.get("rollout_memory") or "none"
-        runs.append(EvalRun(folder, experiment, str(cfg["head"]), str(memory), int(seed), cfg, episodes))
-    return runs, warnings
+        policy = cfg.get("policy") if isinstance(cfg.get("policy"), dict) else {}
+        # E0 has no memory whatever label its evaluation carries
+        memory = "none" if experiment == "E0" else (cfg.get("rollout_memory") or policy.get("rollout_memory") or "none")
+        settings = {
+            "env": cfg.get("env"), "suite": cfg.get("suite"),
+            # `wmvla eval` records the resolved per-task limits; a matrix config may give one number
+            "max_steps": cfg.get("max_steps", cfg.get("max_steps_per_task")),
+            "replan_steps": cfg.get("replan_steps"),
+        }
+        checkpoint = cfg.get("checkpoint") or policy.get("checkpoint")
+        runs.append(EvalRun(folder, experiment, head, str(memory), int(seed), cfg, episodes, settings, checkpoint))
+    return runs, warnings, references
+
+
+def _resolve_head(cfg: dict, rel: Path) -> str | None:
+    """Action head: config.head, else config.policy.details.head, else the run tag's suffix (_mse / _flow)."""
+    if cfg.get("head"):
+        return str(cfg["head"])
+    details = (cfg.get("policy") or {}).get("details") if isinstance(cfg.get("policy"), dict) else None
+    if isinstance(details, dict) and details.get("head"):
+        return str(details["head"])
+    for part in rel.parts:
+        m = re.search(r"_(mse|flow)$", part)
+        if m:
+            return m.group(1)
+    return None
 
 
 def load_train_runs(run_root: Path) -> list[TrainRun]:
@@ -275,7 +308,7 @@ def group_conditions(runs: list[EvalRun]) -> dict[str, Condition]:
 
 def _settings(c: Condition) -> dict[str, list]:
     """MATCH_FIELDS -> sorted distinct values over the condition's evaluation folders."""
-    return {f: sorted({json.dumps(r.config.get(f)) for r in c.runs}) for f in MATCH_FIELDS}
+    return {f: sorted({json.dumps(r.settings.get(f), sort_keys=True) for r in c.runs}) for f in MATCH_FIELDS}
 
 
 def summarize_condition(c: Condition) -> dict:
@@ -354,8 +387,8 @@ def compare(name: str, kind: str, head: str, a: Condition | None, b: Condition |
                                f"{pe.only_in_a} episodes only in {a.name} and {pe.only_in_b} only in {b.name}")
             paired[ra.seed] = pe.pairs
     if same_checkpoint:
-        ca = {r.seed: r.config.get("checkpoint") for r in a.runs}
-        cb = {r.seed: r.config.get("checkpoint") for r in b.runs}
+        ca = {r.seed: r.checkpoint for r in a.runs}
+        cb = {r.seed: r.checkpoint for r in b.runs}
         diff_ckpt = [s for s in ca if s in cb and ca[s] != cb[s]]
         if diff_ckpt:
             s = diff_ckpt[0]
@@ -772,6 +805,14 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_setting(v: Any) -> str:
+    """A setting for the table; per-task dicts (e.g. max_steps_per_task) shown compactly."""
+    if isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values()):
+        lo, hi = min(v.values()), max(v.values())
+        return f"{lo} (all {len(v)} tasks)" if lo == hi else f"{lo}-{hi} over {len(v)} tasks"
+    return str(v)
+
+
 def _ci(b: dict) -> str:
     return f"[{100 * b['ci95'][0]:.1f}, {100 * b['ci95'][1]:.1f}]"
 
@@ -812,6 +853,12 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     if "conditions" in plots:
         out += ["", f"![success by condition]({plots['conditions']})"]
     out.append("")
+    if summary["references"]:
+        out += ["Reference evaluations found in the run folder (outside E0-E3; not part of any test):", ""]
+        out.append(_md_table(["folder", "condition", "success", "k/n", "95 % CI (%)"], [
+            [f"`{rel}`", str(r["condition"]), _pct(r["success_rate"]), f"{r['successes']}/{r['n']}",
+             _ci(r) if r["ci95"] else "-"] for rel, r in summary["references"].items()]))
+        out.append("")
 
     tasks = sorted({t for b in conds.values() for t in b["per_task"]})
     out += ["## Per task", "", "Success (k/n) per task and condition; 95 % CI in the plot.", ""]
@@ -881,7 +928,7 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     out.append("")
 
     out += ["## Evaluation settings", ""]
-    rows = [[f"`{n}`"] + [", ".join(map(str, b["settings"][f])) for f in MATCH_FIELDS] +
+    rows = [[f"`{n}`"] + [", ".join(_fmt_setting(v) for v in b["settings"][f]) for f in MATCH_FIELDS] +
             ["<br>".join(f"`{Path(d).relative_to(run_root) if Path(d).is_relative_to(run_root) else d}`"
                          for d in b["eval_dirs"])] for n, b in conds.items()]
     out.append(_md_table(["condition", *MATCH_FIELDS, "evaluation folders"], rows))
@@ -914,7 +961,7 @@ def build_report(cfg: ReportConfig) -> dict:
     run_root = Path(cfg.run_root)
     if not run_root.is_dir():
         raise WmvlaError(f"run folder {run_root} does not exist; pass the folder given to `wmvla matrix --out`.")
-    runs, warnings = load_eval_runs(run_root, cfg.exclude)
+    runs, warnings, reference_dirs = load_eval_runs(run_root, cfg.exclude)
     if not runs:
         raise WmvlaError(
             f"no evaluation folders under {run_root} (expected folders holding summary.json next to "
@@ -954,6 +1001,10 @@ def build_report(cfg: ReportConfig) -> dict:
         "conditions": cond_summaries,
         "comparisons": [dataclasses.asdict(c) for c in comps],
         "verdict": verdict,
+        "references": {rel.as_posix(): {"condition": (ref.get("config") or {}).get("condition"),
+                                        **{k: (ref.get("overall") or {}).get(k)
+                                           for k in ("success_rate", "successes", "n", "ci95")}}
+                       for rel, ref in reference_dirs},
         "training": training,
         "warnings": warnings,
         "plots": plots,
