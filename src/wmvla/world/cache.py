@@ -21,18 +21,15 @@ used online, so overlapping windows share frames instead of decoding/preprocessi
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 
-from wmvla.data.keys import DatasetKeys
 from wmvla.utils import WmvlaError, atomic_write_json, config_diff, to_jsonable
 from wmvla.world.encoder import (
     PREPROCESSING_DESCRIPTION,
@@ -42,11 +39,13 @@ from wmvla.world.encoder import (
 )
 
 try:  # tyro only shapes the CLI; the GPU benchmark imports this module without it
-    from tyro.conf import Positional
+    import tyro
+
+    def positional(tp, metavar: str):
+        return Annotated[tp, tyro.conf.Positional, tyro.conf.arg(metavar=metavar)]
 except ImportError:  # pragma: no cover
-    class Positional:  # type: ignore[no-redef]
-        def __class_getitem__(cls, item):
-            return item
+    def positional(tp, metavar: str):
+        return tp
 
 FORMAT = "wmvla-latents-v1"
 
@@ -444,7 +443,7 @@ def _write_progress(path: Path, identity: dict, episodes_done: int, num_episodes
 class LatentsConfig:
     """Precompute world-encoder latents for every frame of a dataset (resumable)."""
 
-    dataset: Positional[str]
+    dataset: positional(str, "DATASET")
     """dataset folder (LeRobot v3.0 / v2.1) or hub repo id"""
     encoder: str = "tiny"
     """"tiny" (seeded random V-JEPA 2 weights: random features, for tests/demo) | hub id | local folder"""
@@ -452,8 +451,8 @@ class LatentsConfig:
     """encoder hub revision"""
     window: int = 4
     """m: frames per clip ending at each step (clamped at episode starts)"""
-    camera_key: str | None = None
-    """camera to encode; default: the dataset keys' image_key (agent view)"""
+    camera_key: str = "observation.images.image"
+    """camera (dataset image key) to encode; LIBERO's agent view by default"""
     image_size: int | None = None
     """crop size; default: the checkpoint's (256), 64 for tiny"""
     pooling: Literal["mean", "last"] = "mean"
@@ -476,13 +475,10 @@ class LatentsConfig:
     device: str = "auto"
     overwrite: bool = False
     """replace an existing (complete or partial) cache with different settings"""
-    keys: DatasetKeys = field(default_factory=DatasetKeys)
-    """dataset column names (only the camera is read here)"""
 
-    def spec(self, default_camera: str) -> WorldEncoderSpec:
+    def spec(self) -> WorldEncoderSpec:
         return WorldEncoderSpec(
-            encoder=self.encoder, revision=self.revision, window=self.window,
-            camera_key=self.camera_key or default_camera, image_size=self.image_size, pooling=self.pooling,
+            encoder=self.encoder, revision=self.revision, window=self.window, camera_key=self.camera_key, image_size=self.image_size, pooling=self.pooling,
             precision=self.precision, seed=self.seed,
         )
 
@@ -490,12 +486,12 @@ class LatentsConfig:
 def run_latents(cfg: LatentsConfig) -> int:
     from wmvla.data.lerobot import LeRobotDataset
 
-    keys = cfg.keys
-    ds = LeRobotDataset.open(cfg.dataset, keys, revision=cfg.dataset_revision)
-    spec = cfg.spec(keys.image_key)
-    if spec.camera_key not in ds.features:
-        raise WmvlaError(f"camera {spec.camera_key!r} is not a feature of {cfg.dataset}; "
-                         f"image features: {[k for k, v in ds.features.items() if v.get('dtype') in ('image', 'video')]}.")
+    ds = LeRobotDataset.open(cfg.dataset, None, revision=cfg.dataset_revision)  # only the camera is read
+    spec = cfg.spec()
+    if ds.features.get(spec.camera_key, {}).get("dtype") not in ("image", "video"):
+        raise WmvlaError(f"camera {spec.camera_key!r} is not an image feature of {cfg.dataset}; image features: "
+                         f"{[k for k, v in ds.features.items() if v.get('dtype') in ('image', 'video')]}. "
+                         "Fix: --camera-key KEY.")
     encoder = build_world_encoder(spec, cfg.device)
     out = (Path(cfg.out) / cache_filename(encoder.spec)) if cfg.out else default_cache_path(cfg.dataset, encoder.spec, cfg.cache_root)
     print(f"latents: {ds.num_frames} frames / {ds.num_episodes} episodes of {cfg.dataset} -> {out}")

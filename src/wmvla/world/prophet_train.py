@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from wmvla.utils import WmvlaError, append_jsonl, atomic_path, atomic_write_json, seed_everything, to_jsonable
-from wmvla.world.cache import LatentCache, Positional
+from wmvla.world.cache import LatentCache, positional
 from wmvla.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
 
 
@@ -32,7 +32,7 @@ from wmvla.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode
 class ProphetTrainConfig:
     """Train the Prophet on cached latents; report per-k held-out metrics vs copy-the-present."""
 
-    cache: Positional[Path]
+    cache: positional(Path, "CACHE")
     """latent cache (.fp16.npy written by `wmvla latents`)"""
     dataset: str = ""
     """the dataset the cache was computed from (episode boundaries; the cache is checked against it)"""
