@@ -121,7 +121,7 @@ def make_root(root: Path, *, seeds=(0, 1), per_seed=50, e2_e0=(30, 20, 2), e1_e0
         write_condition(root, "E2", head, "pred", e2, ks)
         for mem in ("zero", "random", "shuffle"):
             write_condition(root, "E2", head, mem, e0, ks)  # ablations fall back to the baseline's outcomes
-        write_condition(root, "E3", head, "oracle", e3, ks)
+        write_condition(root, "E3", head, "pred", e3, ks)  # E3: trained on the true future, evaluated with the prediction
         if train_logs:
             for s in seeds:
                 for exp in ("E0", "E1", "E2", "E3"):
@@ -165,7 +165,7 @@ def test_supported_case_numbers_and_verdict(tmp_path):
 
     conds = json_summary["conditions"]
     assert set(conds) == {"E0-mse-none", "E1-mse-zero", "E2-mse-pred", "E2-mse-zero", "E2-mse-random",
-                          "E2-mse-shuffle", "E3-mse-oracle"}
+                          "E2-mse-shuffle", "E3-mse-pred"}
     e0, e2 = conds["E0-mse-none"], conds["E2-mse-pred"]
     assert (e0["successes"], e0["n"], e0["seeds"]) == (32, 100, 2)
     assert (e2["successes"], e2["n"], e2["seeds"]) == (50, 100, 2)
