@@ -62,8 +62,6 @@ class OptimConfig:
     """max global gradient norm (0 = no clipping)"""
     ema_decay: float = 0.0
     """EMA of the trainable weights (0 = off); when on, validation and the saved policy use the EMA weights"""
-    bf16: bool = False
-    """bf16 autocast for compute (trainable weights and optimizer state stay fp32); needs a GPU with bf16"""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -108,7 +106,8 @@ class TrainConfig:
     experiment: Experiment = "E2"
     """E0 no memory | E1 zero memory | E2 predicted memory | E3 oracle (true future) memory"""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """policy; `memory` and `rollout_memory` are set from `experiment`, data shapes from the dataset"""
+    """policy; `memory`/`rollout_memory` are set from `experiment`, `init_seed` from `seed`, data shapes
+    from the dataset. Precision: `policy.autocast_bf16` (bf16 compute; trainable weights stay fp32)"""
 
     # ---- optimisation
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -147,6 +146,9 @@ class TrainConfig:
         memory, rollout = EXPERIMENT_MEMORY[self.experiment], EXPERIMENT_ROLLOUT_MEMORY[self.experiment]
         if self.policy.memory != memory or self.policy.rollout_memory != rollout:
             self.policy = dataclasses.replace(self.policy, memory=memory, rollout_memory=rollout)
+        # One seed per run: it also initialises the new modules (a repeat with another seed is a real repeat).
+        if self.policy.init_seed != self.seed:
+            self.policy = dataclasses.replace(self.policy, init_seed=self.seed)
 
     @property
     def uses_latents(self) -> bool:
@@ -242,7 +244,7 @@ def preset_metaworld_gpu() -> TrainConfig:
                             world_dim=1024, world_history=4, world_horizon=4, finetune="lora",
                             autocast_bf16=True, frozen_dtype="bfloat16"),
         optim=OptimConfig(steps=20000, batch_size=32, lr=2e-4, warmup_steps=500, weight_decay=0.01,
-                          grad_clip=1.0, bf16=True),
+                          grad_clip=1.0),
         log_every=20,
         val_every=1000,
         ckpt_every=2000,
@@ -263,7 +265,7 @@ def preset_libero_2b() -> TrainConfig:
                             action_dim=7, world_dim=1024, world_history=4, world_horizon=4, finetune="full",
                             autocast_bf16=True, frozen_dtype="bfloat16", gradient_checkpointing=False),
         optim=OptimConfig(steps=30000, batch_size=32, lr=1e-4, backbone_lr_scale=0.2, warmup_steps=1000,
-                          weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, bf16=True),
+                          weight_decay=0.01, grad_clip=1.0, ema_decay=0.999),
         log_every=20,
         val_every=2000,
         ckpt_every=2000,

@@ -1,0 +1,589 @@
+"""`wmvla train`: one readable training loop (nanoGPT / torchtitan style) on top of accelerate.
+
+    wmvla train --preset tiny --dataset DS --latents DS_LATENTS.npy
+    accelerate launch --num_processes 4 -m wmvla.cli train --preset libero-2b --dataset /data/libero
+    torchrun --nproc_per_node 4 -m wmvla.cli train --preset libero-2b ...
+
+Order of one optimizer step: `grad_accum` micro-batches (DDP gradient sync only on the last), gradient
+clipping, AdamW step with the lr of the step (warmup + cosine, a pure function of the step), optional EMA
+update, logging, validation, checkpoint. The data order, validation split and every random draw are seeded
+(`seed + rank` per process), and the checkpoint carries optimizer, EMA, RNG and data position, so a run
+killed at any point and started again with the same command continues exactly as if uninterrupted.
+
+Loud checks (the earlier attempt's silent failures, see LESSONS.md):
+  - start-up: trainable weights fp32, every trainable parameter in the optimizer, nothing frozen in it;
+    the dataset keys exist; the latent cache matches the expected encoder spec and the dataset;
+  - first steps: every trainable parameter receives a non-zero gradient within the first
+    `FIRST_CHECK_STEPS` steps (the memory branch gets its first gradient only after the gate opened in
+    step 1) and changes; no frozen parameter changes; Adam moments are fp32;
+  - every step: the loss is finite;
+  - end: the validation action error must beat predicting the training-mean action (`mean_baseline_check`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wmvla.train.checks import (
+    ParamSnapshot,
+    check_first_step,
+    check_fp32_trainable,
+    check_optimizer_covers,
+    check_optimizer_state_fp32,
+    grad_status,
+)
+from wmvla.train.config import PRESETS, TrainConfig  # noqa: F401  (PRESETS: `wmvla train --preset NAME`)
+from wmvla.train.rundir import (
+    CONFIG_FILE,
+    DONE_FILE,
+    TRAIN_LOG,
+    VAL_LOG,
+    check_same_config,
+    run_dir_for,
+    run_status,
+    run_tag,
+    truncate_log,
+)
+from wmvla.utils import WmvlaError, atomic_write_json, seed_everything, to_jsonable
+
+FIRST_CHECK_STEPS = 3
+NO_DECAY_SUFFIXES = ("act_weight", "step_embed", "time_embed", "future_query", ".pos", "gate")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+class WorldLatents:
+    """Gathers world_history [T, D] / world_future [K, D] rows from the latent cache memmap by index.
+
+    Holds only the path and opens the memmap lazily in each process (a pickled memmap would be copied
+    whole into every DataLoader worker).
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._arr = None
+
+    def _array(self) -> np.ndarray:
+        if self._arr is None:
+            self._arr = np.load(self.path, mmap_mode="r")
+        return self._arr
+
+    def gather(self, index: np.ndarray) -> np.ndarray:
+        idx = np.asarray(index, dtype=np.int64)
+        return np.asarray(self._array()[idx.reshape(-1)], dtype=np.float32).reshape(*idx.shape, -1)
+
+    def __getstate__(self):
+        return {"path": self.path, "_arr": None}
+
+
+class TrainCollate:
+    """DataLoader collate_fn: stack samples, add world latents, run the policy's processor (in the workers)."""
+
+    def __init__(self, processor, world: WorldLatents | None):
+        self.processor = processor
+        self.world = world
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from wmvla.data.samples import collate_samples
+
+        batch = collate_samples(samples)
+        if self.world is not None:
+            batch["world_history"] = torch.from_numpy(self.world.gather(batch["history_index"].numpy()))
+            batch["world_future"] = torch.from_numpy(self.world.gather(batch["future_index"].numpy()))
+        out = self.processor(batch)
+        out["raw_actions"] = batch["actions"]  # real units, for validation errors (normalise clips outliers)
+        return out
+
+
+def split_episodes(episode_ids: list[int], fraction: float, min_episodes: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split by episode (never by frame: neighbouring frames of one episode are near-duplicates)."""
+    ids = sorted(int(e) for e in episode_ids)
+    n_val = max(min_episodes, int(round(fraction * len(ids)))) if fraction > 0 else 0
+    if n_val >= len(ids):
+        raise WmvlaError(f"validation split of {n_val} episodes leaves none of the {len(ids)} for training; "
+                         "lower --val-fraction / --val-min-episodes")
+    perm = np.random.default_rng([seed, 7]).permutation(len(ids))
+    val = sorted(ids[i] for i in perm[:n_val])
+    train = sorted(set(ids) - set(val))
+    return train, val
+
+
+# -------------------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(policy, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW over exactly `policy.trainable_parameters()`; groups: decay or not x backbone or new modules."""
+    o = cfg.optim
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in policy.trainable_parameters():
+        decay = p.ndim >= 2 and not name.endswith(NO_DECAY_SUFFIXES) and "embed" not in name.rsplit(".", 1)[-1]
+        backbone = name.startswith("backbone.") and "lora_" not in name and not name.endswith("act_weight")
+        groups.setdefault((decay, backbone), []).append(p)
+    param_groups = [
+        {"params": ps, "weight_decay": o.weight_decay if decay else 0.0,
+         "lr_scale": o.backbone_lr_scale if backbone else 1.0, "name": f"{'backbone' if backbone else 'new'}"
+                                                                       f"{'' if decay else '_no_decay'}"}
+        for (decay, backbone), ps in sorted(groups.items())
+    ]
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if fused:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ValData:
+    loader: torch.utils.data.DataLoader
+    mean_action_norm: torch.Tensor  # [A] mean of the normalised training actions
+    mean_action_real: np.ndarray  # [A]
+
+
+@torch.no_grad()
+def validate(policy, val: ValData, seed: int, extra_modes: tuple[str, ...] = ()) -> dict:
+    """Held-out metrics: losses, action error (normalised and real units) vs the mean-action baseline,
+    per-k Prophet metrics vs copy-the-present. Uses its own generator (same noise at every validation)."""
+    from wmvla.world.prophet import add_metric_sums
+
+    was_training = policy.training
+    policy.eval()
+    device = policy.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sums = dict(action_loss=0.0, world_loss=0.0, n_batches=0, se=0.0, se_base=0.0, n_vals=0.0)
+    abs_err = abs_base = None
+    mode_se = {m: 0.0 for m in extra_modes}
+    prophet_sums = None
+    try:
+        for batch in val.loader:
+            inputs = policy.prepare(batch)
+            out = policy(inputs, generator=gen)
+            sums["action_loss"] += float(out["action_loss"])
+            sums["world_loss"] += float(out["world_loss"])
+            sums["n_batches"] += 1
+            pred = policy.predict_normalized(inputs, generator=gen, rollout=False)
+            target, mask = inputs["actions"].float(), inputs["action_mask"].float()[..., None]
+            sums["se"] += float(((pred - target) ** 2 * mask).sum())
+            sums["se_base"] += float(((val.mean_action_norm.to(device) - target) ** 2 * mask).sum())
+            sums["n_vals"] += float(mask.sum()) * target.shape[-1]
+            for m in extra_modes:
+                pm = policy.predict_normalized(inputs, memory_mode=m, generator=gen, rollout=True)
+                mode_se[m] += float(((pm - target) ** 2 * mask).sum())
+            real_pred = policy.processor.unnormalize_actions(pred)
+            real = inputs["raw_actions"].float().cpu().numpy()
+            m_np = mask.cpu().numpy()
+            e = (np.abs(real_pred - real) * m_np).sum(axis=(0, 1))
+            b = (np.abs(val.mean_action_real[None, None] - real) * m_np).sum(axis=(0, 1))
+            abs_err = e if abs_err is None else abs_err + e
+            abs_base = b if abs_base is None else abs_base + b
+            if policy.prophet is not None and inputs.get("world_history") is not None:
+                wp = policy.prophet(inputs["world_history"].float())
+                ms = policy.prophet.metric_sums(wp, inputs["world_future"].float(), inputs["world_history"][:, -1].float(),
+                                                inputs["future_mask"])
+                prophet_sums = add_metric_sums(prophet_sums, ms)
+    finally:
+        policy.train(was_training)
+    n_steps = sums["n_vals"] / abs_err.shape[0]
+    rec = {
+        "action_loss": sums["action_loss"] / sums["n_batches"],
+        "world_loss": sums["world_loss"] / sums["n_batches"],
+        "action_mse": sums["se"] / sums["n_vals"],
+        "mean_baseline_mse": sums["se_base"] / sums["n_vals"],
+        "action_mae_real": float(abs_err.sum() / sums["n_vals"]),
+        "mean_baseline_mae_real": float(abs_base.sum() / sums["n_vals"]),
+        "action_mae_real_per_dim": (abs_err / n_steps).tolist(),
+        "mean_baseline_mae_real_per_dim": (abs_base / n_steps).tolist(),
+    }
+    rec["beats_mean_baseline"] = bool(rec["action_mse"] < rec["mean_baseline_mse"])
+    for m in extra_modes:
+        rec[f"action_mse_{m}_memory"] = mode_se[m] / sums["n_vals"]
+    if prophet_sums is not None:
+        from wmvla.world.prophet import Prophet
+
+        for k, v in Prophet.finalize_metrics(prophet_sums).items():
+            rec[f"prophet_{k}"] = v
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Setup:
+    """Everything `train` builds before the loop (also used by the tests)."""
+
+    cfg: TrainConfig  # resolved
+    run_dir: Path
+    ds: object
+    train_episodes: list[int]
+    val_episodes: list[int]
+    stats: dict
+    cache: object | None
+    notes: list[str]
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    tag = run_tag(cfg.world.encoder, cfg.world.window, cfg.policy.prophet_delta, cfg.policy.head)
+    return run_dir_for(cfg.out_root, cfg.experiment, tag, cfg.seed)
+
+
+def prepare_run(cfg: TrainConfig) -> Setup:
+    """Open and check the data and the latent cache; resolve data-determined policy fields; split; stats."""
+    from wmvla.data.lerobot import LeRobotDataset
+    from wmvla.data.normalize import compute_stats
+    from wmvla.train.config import resolve_for_data
+
+    if not cfg.dataset:
+        raise WmvlaError("no dataset: pass --dataset PATH_OR_REPO (a LeRobot v3.0/v2.1 folder or hub id)")
+    ds = LeRobotDataset.open(cfg.dataset, cfg.keys, revision=cfg.dataset_revision)
+    cache = None
+    if cfg.uses_latents:
+        from wmvla.world.cache import LatentCache, default_cache_path
+
+        path = cfg.latents or str(default_cache_path(cfg.dataset, cfg.world))
+        cache = LatentCache.open(path, expect=cfg.world, dataset=ds)
+        cfg = dataclasses.replace(cfg, latents=str(cache.path))
+    rcfg, notes = resolve_for_data(cfg, ds.features, cache.dim if cache is not None else None)
+    train_eps, val_eps = split_episodes([e.episode_index for e in ds.episodes], cfg.val_fraction,
+                                        cfg.val_min_episodes, cfg.seed)
+    pos = {e.episode_index: e for e in ds.episodes}
+    train_frames = np.concatenate([np.arange(pos[e].start, pos[e].stop) for e in train_eps])
+    stats = compute_stats(ds, cfg.keys, frame_indices=train_frames)
+    return Setup(rcfg, resolve_run_dir(rcfg), ds, train_eps, val_eps, stats, cache, notes)
+
+
+def build_policy(cfg: TrainConfig, stats: dict, cache=None):
+    from wmvla.policy.modeling import VLAPolicy
+
+    policy = VLAPolicy(cfg.policy, stats)
+    if cache is not None and policy.prophet is not None:
+        policy.set_world_normalization(cache.mean, cache.std)
+    return policy
+
+
+def _worker_init(worker_id: int) -> None:
+    # numpy / python RNGs of a worker derive from torch's per-worker seed (itself from the loader generator)
+    import random
+
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(dataset, batch_sampler, collate, num_workers: int, seed: int):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None, generator=g,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers > 0 else None,
+        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def run_train(cfg: TrainConfig) -> int:
+    train(cfg)
+    return 0
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume, or skip a finished run); returns the run summary (done.json contents, or the
+    state at `stop_after`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from wmvla.data.samples import ChunkDataset
+    from wmvla.train.checkpoint import (
+        STATE_FILE,
+        load_trained_weights,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+        step_name,
+    )
+    from wmvla.train.ema import EMA
+    from wmvla.train.logger import TrainLogger
+    from wmvla.train.sampler import ResumableBatchSampler
+    from wmvla.train.schedule import set_lr
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu", mixed_precision="no",  # bf16 autocast is the policy's own (policy.autocast_bf16)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    is_main, rank, world_size = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    say = (lambda *a: accelerator.print(*a))  # noqa: E731
+
+    # ---- run folder: finished -> skip, unfinished -> resume, new -> start
+    run_dir = resolve_run_dir(cfg)
+    status = run_status(run_dir)
+    if status.state == "finished":
+        summary = json.loads((run_dir / DONE_FILE).read_text())
+        say(f"train: {run_dir} already finished at step {summary.get('step')} ({DONE_FILE}); nothing to do. "
+            "Use another --seed/--out-root for a new run.")
+        return summary
+
+    setup = prepare_run(cfg)
+    rcfg, ds, stats = setup.cfg, setup.ds, setup.stats
+    assert setup.run_dir == run_dir
+    for n in setup.notes:
+        say(f"train: {n}")
+    resolved = to_jsonable(rcfg)
+    ckpt = None
+    if status.state == "unfinished":
+        stored = json.loads((run_dir / CONFIG_FILE).read_text())
+        check_same_config(run_dir, stored, resolved)
+        ckpt = status.latest_checkpoint
+        say(f"train: resuming {run_dir} from {ckpt.name if ckpt else 'the start (no checkpoint yet)'}")
+    elif is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / CONFIG_FILE, resolved)
+    accelerator.wait_for_everyone()
+
+    # ---- seeds, model, optimizer
+    seed_everything(rcfg.seed + rank)
+    policy = build_policy(rcfg, stats, setup.cache)
+    policy.to(accelerator.device)
+    o = rcfg.optim
+    optimizer = build_optimizer(policy, rcfg, fused=accelerator.device.type == "cuda")
+    check_fp32_trainable(policy)
+    check_optimizer_covers(policy, optimizer)
+    summary_counts = policy.trainable_summary()
+    say(f"train: {rcfg.experiment} ({rcfg.policy.memory} memory) head={rcfg.policy.head} seed={rcfg.seed} "
+        f"-> {run_dir}")
+    say(f"train: parameters {summary_counts}")
+    say(f"train: prompt example: {policy.processor.prompt_text(ds.tasks_of([0], rcfg.keys.instruction_key)[0])!r}")
+
+    ema = EMA(dict(policy.trainable_parameters()), o.ema_decay) if o.ema_decay > 0 else None
+    step = 0
+    if ckpt is not None:
+        load_trained_weights(policy, ckpt, use_ema=False)
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")), state["ema_updates"])
+        rng = state["rng"][rank] if rank < len(state["rng"]) else None
+        if rng is None:
+            raise WmvlaError(f"{ckpt} was written by {len(state['rng'])} processes, now {world_size}: the data "
+                             "order and RNG streams cannot continue exactly. Resume with the same process count.")
+        set_rng_state(rng)
+        if is_main:
+            truncate_log(run_dir / TRAIN_LOG, step)
+            truncate_log(run_dir / VAL_LOG, step)
+    elif is_main:
+        truncate_log(run_dir / TRAIN_LOG, 0)
+        truncate_log(run_dir / VAL_LOG, 0)
+
+    model, optimizer = accelerator.prepare(policy, optimizer)
+
+    # ---- data
+    H, T, K = rcfg.policy.chunk_size, rcfg.policy.world_history, rcfg.policy.world_horizon
+    world = None
+    if setup.cache is not None:
+        world = WorldLatents(str(setup.cache.path))
+    collate = TrainCollate(policy.processor, world)
+    train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes)
+    sampler = ResumableBatchSampler(np.arange(len(train_set)), o.batch_size, seed=rcfg.seed,
+                                    start_batch=step * o.grad_accum, rank=rank, world_size=world_size,
+                                    num_batches=o.steps * o.grad_accum)
+    loader = make_loader(train_set, sampler, collate, rcfg.num_workers, rcfg.seed + rank)
+    val = None
+    if is_main:
+        val = _val_data(rcfg, ds, setup, collate, policy, stats)
+
+    logger = TrainLogger(run_dir, step, enabled=is_main)
+    say(f"train: {len(train_set)} training frames ({len(setup.train_episodes)} episodes), "
+        f"{len(setup.val_episodes)} validation episodes; {o.steps} steps x {o.batch_size} x {o.grad_accum} "
+        f"x {world_size} processes")
+
+    # ---- loop
+    def save(final: bool = False) -> Path | None:
+        accelerator.wait_for_everyone()
+        rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world_size > 1 else [rng_state()]
+        path = None
+        if is_main:
+            train_state = {"optimizer": optimizer.state_dict(), "step": step, "micro_batches": step * o.grad_accum,
+                           "rng": rngs, "ema_updates": ema.num_updates if ema else 0, "world_size": world_size}
+            world_record = {"spec": setup.cache.spec.to_dict() if setup.cache is not None else None,
+                            "latents": str(setup.cache.path) if setup.cache is not None else None,
+                            "uses_memory": rcfg.policy.has_memory}
+            path = save_checkpoint(run_dir, step, model=policy, config=resolved, stats=stats,
+                                   tokenizer=policy.tokenizer, world=world_record, train_state=train_state,
+                                   ema_state=ema.state_dict() if ema else None,
+                                   extra_meta={"experiment": rcfg.experiment, "final": final},
+                                   keep_last=rcfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    def run_validation() -> dict | None:
+        if not is_main:
+            return None
+        extra = ()
+        if rcfg.policy.rollout_memory not in (None, rcfg.policy.memory):
+            extra = (rcfg.policy.rollout_memory,)
+        ctx = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+        with ctx:
+            rec = validate(policy, val, seed=rcfg.seed + 12345, extra_modes=extra)
+        rec = {"step": step, **rec}
+        logger.log(VAL_LOG, rec, "val")
+        say(f"val step {step}: action_mse {rec['action_mse']:.4f} (mean baseline {rec['mean_baseline_mse']:.4f}) "
+            f"mae_real {rec['action_mae_real']:.4f} world_loss {rec['world_loss']:.4f}")
+        return rec
+
+    progress = _Progress(rcfg.progress and is_main, o.steps, step)
+    data_iter = iter(loader)
+    model.train()
+    snapshot = None
+    grads_seen: dict[str, str] = {}
+    check_until = step + FIRST_CHECK_STEPS
+    window: dict[str, float] = {}
+    n_window, t_window = 0, time.perf_counter()
+    last_val = None
+    t_start = time.perf_counter()
+    try:
+        while step < o.steps:
+            lr = set_lr(optimizer, step, o.lr, o.warmup_steps, o.steps, o.min_lr_ratio)
+            if step < check_until and snapshot is None:
+                snapshot = ParamSnapshot(policy)
+            diag: dict[str, float] = {}
+            for micro in range(o.grad_accum):
+                batch = next(data_iter)
+                sync = micro == o.grad_accum - 1
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
+                    out = model(batch)
+                    loss = out["loss"] / o.grad_accum
+                    if not torch.isfinite(loss):
+                        raise WmvlaError(f"step {step}: non-finite loss {float(out['loss'])} (action_loss "
+                                         f"{float(out['action_loss'])}, world_loss {float(out['world_loss'])}). "
+                                         "Lower --optim.lr, check the data/latents for extreme values.")
+                    accelerator.backward(loss)
+                for k in ("loss", "action_loss", "world_loss", "gate", "memory_norm", "attn_entropy"):
+                    if k in out:
+                        diag[k] = diag.get(k, 0.0) + float(out[k].detach()) / o.grad_accum
+            if step < check_until:
+                for n, s in grad_status(policy).items():
+                    if grads_seen.get(n) != "ok":
+                        grads_seen[n] = s
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            step += 1
+            if step == check_until:
+                allow = ("*memory.mem_proj.weight",) if rcfg.policy.memory == "zero" else ()
+                counts = check_first_step(policy, snapshot, grads_seen, allow)
+                check_optimizer_state_fp32(optimizer)
+                say(f"train: first-steps check passed ({counts['trainable_tensors']} trainable tensors all received "
+                    f"gradients and moved; {counts['frozen_tensors']} frozen tensors unchanged)")
+                snapshot = None
+            diag["grad_norm"] = float(grad_norm)
+            for k, v in diag.items():
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
+            progress.update(step, diag.get("loss", float("nan")), lr)
+            if step % rcfg.log_every == 0 or step == o.steps:
+                dt = time.perf_counter() - t_window
+                rec = {"step": step, **{k: v / n_window for k, v in window.items()}, "lr": lr,
+                       "samples_per_s": n_window * o.batch_size * o.grad_accum * world_size / max(dt, 1e-9),
+                       "epoch": step * o.grad_accum / sampler.batches_per_epoch,
+                       "elapsed_s": time.perf_counter() - t_start}
+                logger.log(TRAIN_LOG, rec, "train")
+                if not progress.enabled:
+                    say(f"step {step}/{o.steps} loss {rec['loss']:.4f} action {rec['action_loss']:.4f} "
+                        f"world {rec.get('world_loss', 0):.4f} gate {rec.get('gate', 0):.4f} lr {lr:.2e} "
+                        f"{rec['samples_per_s']:.1f} samples/s")
+                window, n_window, t_window = {}, 0, time.perf_counter()
+            if step == o.steps or (rcfg.val_every and step % rcfg.val_every == 0):
+                last_val = run_validation()
+            if step == o.steps or step % rcfg.ckpt_every == 0 or step == rcfg.stop_after:
+                path = save(final=step == o.steps)
+                say(f"train: checkpoint {path.name if path else step_name(step)}")
+            if rcfg.stop_after is not None and step >= rcfg.stop_after and step < o.steps:
+                say(f"train: stopped after step {step} (--stop-after); run the same command again to resume")
+                return {"step": step, "finished": False, "run_dir": str(run_dir)}
+    finally:
+        progress.close()
+        logger.close()
+
+    # ---- end: mean-baseline check, done marker
+    summary = {"step": step, "finished": True, "run_dir": str(run_dir), "checkpoint": step_name(step),
+               "experiment": rcfg.experiment, "head": rcfg.policy.head, "seed": rcfg.seed,
+               "val": last_val, "train_seconds_this_session": round(time.perf_counter() - t_start, 1)}
+    if is_main:
+        if last_val is not None and not last_val["beats_mean_baseline"] and rcfg.mean_baseline_check != "off":
+            msg = (f"validation action MSE {last_val['action_mse']:.4f} is not below the predict-the-mean baseline "
+                   f"{last_val['mean_baseline_mse']:.4f} after {step} steps: the policy has not learned beyond the "
+                   "average action (the earlier attempt's failure mode). Check lr, steps, normalisation, inputs.")
+            summary["warning"] = msg
+            if rcfg.mean_baseline_check == "fail":
+                atomic_write_json(run_dir / "failed.json", summary)
+                raise WmvlaError(msg)
+            say(f"train: WARNING: {msg}")
+        atomic_write_json(run_dir / DONE_FILE, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> ValData:
+    from wmvla.data.normalize import normalize
+    from wmvla.data.samples import ChunkDataset
+
+    p = rcfg.policy
+    val_set = ChunkDataset(ds, chunk_size=p.chunk_size, history=p.world_history, horizon=p.world_horizon,
+                           keys=rcfg.keys, episodes=setup.val_episodes)
+    n = min(len(val_set), rcfg.val_max_samples)
+    pick = np.sort(np.random.default_rng([rcfg.seed, 11]).choice(len(val_set), size=n, replace=False))
+    bs = rcfg.optim.batch_size
+    batches = [pick[i: i + bs].tolist() for i in range(0, n, bs)]
+    loader = torch.utils.data.DataLoader(val_set, batch_sampler=batches, collate_fn=collate, num_workers=0)
+    pos = {e.episode_index: e for e in ds.episodes}
+    train_frames = np.concatenate([np.arange(pos[e].start, pos[e].stop) for e in setup.train_episodes])
+    actions = np.asarray(ds.columns(rcfg.keys.action_key), dtype=np.float32)[train_frames]
+    actions = actions.reshape(len(actions), -1)
+    mean_norm = np.asarray(normalize(actions, stats[rcfg.keys.action_key]), dtype=np.float32).mean(0)
+    return ValData(loader, torch.from_numpy(mean_norm), actions.mean(0))
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar.start()
+        self.task = self.bar.add_task("", total=total, completed=start)
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled:
+            self.bar.update(self.task, completed=step, description=f"loss {loss:.4f} lr {lr:.2e}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+            self.enabled = False
