@@ -260,6 +260,9 @@ def test_refuses_mismatched_episode_counts(tmp_path):
     with pytest.raises(WmvlaError, match="refused"):
         run_report(ReportConfig(run_root=root, plots=False, print_table=False, strict=True))
     assert cli_main(["report", str(root), "--strict", "--no-plots"]) == 2
+    # the reason names the fix; following it makes the comparison valid again
+    assert "--exclude 'E?/*/seed2/*'" in c["reason"]
+    assert comparison(report(root, exclude=("E?/*/seed2/*",)), "E2 vs E0")["status"] == "ok"
 
 
 def test_refuses_different_max_steps(tmp_path):

@@ -369,8 +369,13 @@ def compare(name: str, kind: str, head: str, a: Condition | None, b: Condition |
             reasons.append(f"{f} differs: {a.name} {sa[f][0]} vs {b.name} {sb[f][0]}")
     na, nb = len(a.episodes), len(b.episodes)
     if na != nb:
+        hint = ""
+        if a.seeds != b.seeds:
+            extra = sorted(set(a.seeds) ^ set(b.seeds))
+            hint = (f" (finish seeds {extra} on both sides, or leave them out with --exclude "
+                    f"'E?/*/seed{extra[0]}/*')")
         reasons.append(f"different episode counts: {a.name} n={na} (seeds {a.seeds}) vs {b.name} n={nb} "
-                       f"(seeds {b.seeds})")
+                       f"(seeds {b.seeds}){hint}")
     elif a.seeds != b.seeds:
         reasons.append(f"different training seeds: {a.name} {a.seeds} vs {b.name} {b.seeds}")
     # Pairs are matched within each training seed (seed k of A with seed k of B) on stats.PAIR_KEY
@@ -940,6 +945,7 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
 
 def print_console_table(summary: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="wmvla: closed-loop success by condition (Wilson 95 % CI)")
@@ -949,10 +955,22 @@ def print_console_table(summary: dict) -> None:
         table.add_row(name, _pct(b["success_rate"]), f"{b['successes']}/{b['n']}", str(b["seeds"]), _ci(b) + " %")
     console = Console()
     console.print(table)
+
+    tests = Table(title="paired comparisons (exact McNemar)")
+    for col in ("comparison", "head", "A - B", "A only : B only", "p", "status"):
+        tests.add_column(col, justify="left" if col in ("comparison", "status") else "right")
+    for c in summary["comparisons"]:
+        ok = c["status"] == "ok"
+        tests.add_row(c["name"], c["head"], _pct(c["diff"], signed=True),
+                      f"{c['a_only']} : {c['b_only']}" if ok else "-", _p(c["p_value"]) if ok else "-",
+                      "ok" if ok else f"[bold red]{c['status'].upper()}[/]")
+    console.print(tests)
     for c in summary["comparisons"]:
         if c["status"] == "refused":
-            console.print(f"[bold red]REFUSED[/] {c['name']} ({c['head']}): {c['reason']}")
-    console.print(f"[bold]verdict:[/] {summary['verdict']['overall']}")
+            console.print(f"[bold red]REFUSED[/] {escape(c['name'])} ({escape(c['head'])}): {escape(c['reason'])}")
+    console.print(f"[bold]verdict: {escape(summary['verdict']['overall'])}[/]")
+    for v in summary["verdict"]["per_head"].values():
+        console.print("  " + escape(v["sentence"]))
 
 
 # --------------------------------------------------------------------------------------------- main
