@@ -204,3 +204,46 @@ def test_cli_latents_writes_the_default_layout(ds, tmp_path, monkeypatch):
                "--out", str(tmp_path / "elsewhere")])
     assert rc == 0 and (tmp_path / "elsewhere" / "train_world_latents_tiny_m2.fp16.json").exists()
     assert main(["latents", str(ds.root), "--camera-key", "nope", "--num-workers", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_precompute_then_resume_matches(tmp_path):
+    """A real kill -9 at an arbitrary moment (not a hook): the resumed cache equals an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = make_libero_like(tmp_path / "ds", layout="v3_png", episodes=20, image_size=32, min_length=15, max_length=25)
+    out = tmp_path / "k.fp16.npy"
+    script = (
+        "import sys\n"
+        "from wmvla.data.lerobot import LeRobotDataset\n"
+        "from wmvla.world.cache import precompute_latents\n"
+        "from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder\n"
+        "ds = LeRobotDataset.open(sys.argv[1])\n"
+        "enc = build_world_encoder(WorldEncoderSpec(encoder='tiny', window=4, image_size=32), 'cpu')\n"
+        "precompute_latents(ds, enc, sys.argv[2], batch_size=1, block_size=4, checkpoint_every_s=0)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(root), str(out)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            p = progress_path(out)
+            if p.exists() and json.loads(p.read_text() or "{}").get("episodes_done", 0) >= 3:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            assert proc.poll() is None, "precompute finished before it could be killed"
+            time.sleep(0.01)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not meta_path(out).exists()
+    ds = _open(root)
+    enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=4, image_size=32), device="cpu")
+    resumed = precompute_latents(ds, enc, out, batch_size=8, **QUIET)
+    fresh = precompute_latents(ds, enc, tmp_path / "fresh.fp16.npy", batch_size=8, **QUIET)
+    np.testing.assert_allclose(np.asarray(resumed.latents, dtype=np.float32),
+                               np.asarray(fresh.latents, dtype=np.float32), atol=1e-3, rtol=1e-3)
