@@ -339,6 +339,18 @@ def test_training_health_flags_stuck_gate(tmp_path):
     assert any("never changed" in w for w in s["warnings"])
 
 
+def test_training_health_flags_bf16_stall_and_flat_loss(tmp_path):
+    # the earlier attempt's signature: a gate that moved once to -2^-6 (logged as tanh) and then stalled
+    root = make_root(tmp_path)
+    write_train_log(root, "E2", "flow", 8, gate_fn=lambda step: 0.0 if step == 0 else -math.tanh(2**-6))
+    log = root / "E1" / "tiny_m4_delta_flow" / "seed9" / "train_log.jsonl"
+    for step in range(10):
+        append_jsonl(log, {"step": step, "action_loss": 0.2, "gate": 0.001 * step})
+    flags = {t["run"]: t["flags"] for t in report(root)["training"]}
+    assert any("stall value" in f for f in flags["E2/tiny_m4_delta_flow/seed8"])
+    assert flags["E1/tiny_m4_delta_flow/seed9"] == ["action loss did not decrease (0.2 -> 0.2)"]
+
+
 def test_plots_are_valid_pngs_and_cli_writes_everything(tmp_path, capsys):
     root = make_root(tmp_path)
     assert cli_main(["report", str(root)]) == 0

@@ -651,9 +651,9 @@ def training_health(run: TrainRun) -> dict:
         out["gate_last"] = gate[-1]
         if len(gate) >= 4 and max(gate) - min(gate) < 1e-7:
             out["flags"].append(f"gate never changed (always {gate[0]:.6g}): it receives no gradient or no update")
-        elif abs(abs(gate[-1]) - BF16_STALL) < 1e-9:
-            out["flags"].append(f"gate ends at exactly {gate[-1]} = ±2^-6, the bf16-without-master-weights stall "
-                                "value (LESSONS.md)")
+        elif any(abs(abs(gate[-1]) - v) < 1e-7 for v in (BF16_STALL, math.tanh(BF16_STALL))):
+            out["flags"].append(f"gate ends at {gate[-1]:.7g} = ±2^-6 (or its tanh), the bf16-without-master-weights "
+                                "stall value (LESSONS.md)")
     return out
 
 
