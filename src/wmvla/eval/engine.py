@@ -156,8 +156,8 @@ class EnvRunner:
                 break
             if self.send_intermediate:
                 observed.append(obs)
-        if self.send_intermediate and observed:
-            observed.pop()  # the last one is `obs`, given to act()
+        if self.send_intermediate and observed and not done:
+            observed.pop()  # the last one is `obs`, given to the next act()
         if done:
             self._write_video()
         return {"obs": obs, "observed": observed, "steps": steps, "success": success, "done": done}
@@ -286,6 +286,16 @@ def validate_chunk(chunk: Any, dim: int) -> tuple[np.ndarray | None, str | None]
     return a, None
 
 
+def drop_torn_last_line(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so that new records start on a line of their own."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def check_run_config(out_dir: Path, run_config: dict) -> None:
     """First run: save run_config.json. Resumed run: refuse settings that would change results."""
     path = out_dir / RUN_CONFIG_FILE
@@ -333,6 +343,7 @@ def run_rollouts(
     wanted = {key(s) for s in episodes}
     if len(wanted) != len(episodes):
         raise WmvlaError("the episode list has duplicates (same task, init_index and condition)")
+    drop_torn_last_line(log_path)
     done_records = {record_key(r): r for r in read_jsonl(log_path) if record_key(r) in wanted}
     todo = deque(s for s in episodes if key(s) not in done_records)
     results = dict(done_records)
@@ -418,12 +429,11 @@ def run_rollouts(
                 policy.reset(slot.index, slot.spec.task, slot.instruction)
                 return
             slot.steps += reply["steps"]
+            for o in reply["observed"]:
+                policy.observe(slot.index, o)
             if reply["done"]:
                 finish(slot, reply["success"], None)
                 start_next(slot)
-                return
-            for o in reply["observed"]:
-                policy.observe(slot.index, o)
 
         deaths_in_a_row = 0
         retried: set[tuple] = set()

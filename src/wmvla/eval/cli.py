@@ -1,0 +1,207 @@
+"""`wmvla eval`: closed-loop evaluation of a scripted policy or a checkpoint.
+
+    wmvla eval --env metaworld --tasks reach,push --episodes 10 --workers 2 --scripted expert --out runs/eval/expert
+    wmvla eval --env libero --suite libero_spatial --episodes 50 --workers 16 --checkpoint CKPT --out runs/eval/e2
+
+Writes DIR/episodes.jsonl (one line per episode, appended as episodes finish; re-running resumes),
+DIR/summary.json ({"overall", "per_task", "config"}), DIR/run_config.json (the settings a resumed run must
+match) and DIR/videos/*.mp4 (--videos N: episodes with init index < N).
+
+Episodes of task t use init indices first_init .. first_init + episodes - 1 (MetaWorld: configurations of
+`--seed`, 1000 by default, disjoint from the training seed 0; LIBERO: the suite's fixed init states), so
+every condition evaluated with the same flags faces the same initial conditions and results pair up
+episode by episode (wmvla.eval.stats.compare_episode_files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from wmvla.envs.registry import (
+    METAWORLD_CONFIGS_PER_SEED,
+    METAWORLD_EVAL_SEED,
+    EnvConfig,
+    LiberoSettings,
+    MetaWorldSettings,
+    describe_env,
+    resolve_tasks,
+)
+from wmvla.eval.engine import EPISODES_FILE, EngineConfig, EpisodeSpec, run_rollouts
+from wmvla.eval.stats import success_summary
+from wmvla.utils import WmvlaError, atomic_write_json, to_jsonable
+
+SUMMARY_FILE = "summary.json"
+NUM_INIT_STATES = {"metaworld": METAWORLD_CONFIGS_PER_SEED, "libero": 50}
+ROLLOUT_MEMORY_MODES = ("pred", "zero", "random", "shuffle", "oracle")
+
+
+@dataclass
+class EvalConfig:
+    """Closed-loop evaluation: a policy in the loop of N parallel environments."""
+
+    out: Path
+    """output folder (episodes.jsonl, summary.json, videos/); an existing one is resumed."""
+    env: Literal["metaworld", "libero"] = "metaworld"
+    suite: str | None = None
+    """metaworld: mt50 (default), mt10, core5; libero: libero_spatial (default), _object, _goal, _10, _90."""
+    tasks: str | None = None
+    """comma-separated task names or indices into the suite; None = every task of the suite."""
+    episodes: int = 10
+    """episodes per task (init indices first_init .. first_init + episodes - 1)."""
+    first_init: int = 0
+    workers: int = 2
+    """environment worker processes (= policy batch size); 0 = in this process (debugging)."""
+    scripted: Literal["expert", "random", "noop"] | None = None
+    """built-in policy (expert: MetaWorld only)."""
+    checkpoint: Path | None = None
+    """checkpoint folder of a trained policy (wmvla train)."""
+    rollout_memory: Literal["pred", "zero", "random", "shuffle", "oracle"] = "pred"
+    """world memory given to a checkpoint policy at rollout (ablations: zero/random/shuffle/oracle)."""
+    device: str = "auto"
+    """device of the checkpoint policy (auto = cuda if available)."""
+    condition: str | None = None
+    """label stored with every episode; None = derived from the policy (e.g. scripted-expert, ckpt-pred)."""
+    replan_steps: int = 5
+    """actions executed from each predicted chunk before the policy is called again."""
+    max_steps: int | None = None
+    """episode limit; None = per-task (metaworld) / per-suite (libero) default, recorded in summary.json."""
+    seed: int = METAWORLD_EVAL_SEED
+    """MetaWorld evaluation seed (its 50 configurations are the init states); keep it fixed across conditions."""
+    policy_seed: int = 0
+    """seed of the random policy and of the checkpoint policy's sampling."""
+    image_size: int | None = None
+    """render resolution; None = 128 (metaworld) / 256 (libero). Must match the training data."""
+    wrist_camera: bool | None = None
+    """render observation.images.image2; None = off (metaworld) / on (libero)."""
+    render_backend: Literal["egl", "osmesa"] = "egl"
+    videos: int = 0
+    """save mp4s of episodes with init index < videos (per task)."""
+    progress: bool = True
+    metaworld: MetaWorldSettings = field(default_factory=MetaWorldSettings)
+    libero: LiberoSettings = field(default_factory=LiberoSettings)
+
+    def env_config(self) -> EnvConfig:
+        return EnvConfig(env=self.env, suite=self.suite, image_size=self.image_size, wrist_camera=self.wrist_camera,
+                         max_steps=self.max_steps, seed=self.seed, render_backend=self.render_backend,
+                         metaworld=self.metaworld, libero=self.libero)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(workers=self.workers, replan_steps=self.replan_steps, videos=self.videos,
+                            progress=self.progress)
+
+
+def result_config(env_cfg: EnvConfig, tasks: list[str], init_indices: list[int], engine: EngineConfig,
+                  policy: dict, condition: str) -> dict:
+    """The `config` block of summary.json: every setting that affects the result, resolved.
+
+    Shared by every command that writes a summary (eval, matrix, demo), so their summaries compare.
+    """
+    env = describe_env(env_cfg, tasks)
+    render = {"backend": env_cfg.render_backend, "image_size": env["image_size"], "camera_keys": env["camera_keys"]}
+    if env_cfg.env == "metaworld":
+        s = env_cfg.metaworld
+        render.update(camera=s.camera, shadow_map_size=s.shadow_map_size, offscreen_samples=s.offscreen_samples,
+                      shadows=s.shadows)
+    return {
+        "env": env_cfg.env,
+        "suite": env_cfg.resolved_suite,
+        "tasks": list(tasks),
+        "episodes_per_task": len(init_indices),
+        "init_indices": list(init_indices),
+        "max_steps_per_task": env["max_steps_per_task"],
+        "replan_steps": engine.replan_steps,
+        "seeds": {"env": env_cfg.seed, "policy": policy.get("seed")},
+        "render": render,
+        "condition": condition,
+        "policy": policy,
+        "env_config": env,
+        "engine": {"workers": engine.workers},
+    }
+
+
+def write_summary(out_dir: str | os.PathLike, records: list[dict], config: dict) -> dict:
+    """summary.json = {"overall", "per_task", "config"} from episode records (atomic write)."""
+    summary = success_summary(records)
+    summary["config"] = config
+    atomic_write_json(Path(out_dir) / SUMMARY_FILE, summary)
+    return summary
+
+
+def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
+    """-> (BatchPolicy, description for the summary, default condition label)."""
+    if (cfg.scripted is None) == (cfg.checkpoint is None):
+        raise WmvlaError("choose exactly one policy: --scripted expert|random|noop or --checkpoint DIR")
+    if cfg.scripted is not None:
+        from wmvla.eval.scripted import make_scripted_policy
+
+        policy = make_scripted_policy(cfg.scripted, env_cfg, seed=cfg.policy_seed)
+        return policy, {"kind": "scripted", "name": cfg.scripted, "seed": cfg.policy_seed}, f"scripted-{cfg.scripted}"
+    ckpt = Path(cfg.checkpoint)
+    if not ckpt.exists():
+        raise WmvlaError(f"--checkpoint {ckpt}: no such folder")
+    try:
+        from wmvla.eval.checkpoint_policy import load_checkpoint_policy
+    except ModuleNotFoundError as e:
+        if e.name != "wmvla.eval.checkpoint_policy":
+            raise
+        raise WmvlaError("checkpoint evaluation is not available in this version (wmvla.eval.checkpoint_policy "
+                         "is missing); use --scripted") from e
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = load_checkpoint_policy(ckpt, cfg.rollout_memory, device)
+    desc = {"kind": "checkpoint", "checkpoint": str(ckpt.resolve()), "rollout_memory": cfg.rollout_memory,
+            "device": device, "seed": cfg.policy_seed}
+    describe = getattr(policy, "describe", None)
+    if callable(describe):
+        desc["details"] = to_jsonable(describe())
+    return policy, desc, f"ckpt-{cfg.rollout_memory}"
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    env_cfg = cfg.env_config()
+    tasks = resolve_tasks(env_cfg, cfg.tasks)
+    if cfg.episodes < 1:
+        raise WmvlaError(f"--episodes must be >= 1, got {cfg.episodes}")
+    n_init = NUM_INIT_STATES[cfg.env]
+    if cfg.first_init < 0 or cfg.first_init + cfg.episodes > n_init:
+        raise WmvlaError(
+            f"init indices {cfg.first_init}..{cfg.first_init + cfg.episodes - 1} are out of range: {cfg.env} has "
+            f"{n_init} init states per task (0..{n_init - 1}"
+            + (", per seed; evaluate another block of 50 with a different --seed" if cfg.env == "metaworld" else "")
+            + ")")
+    policy, policy_desc, default_condition = build_policy(cfg, env_cfg)
+    condition = cfg.condition or default_condition
+    engine = cfg.engine_config()
+    inits = list(range(cfg.first_init, cfg.first_init + cfg.episodes))
+    config = result_config(env_cfg, tasks, inits, engine, policy_desc, condition)
+    episodes = [EpisodeSpec(task, k, condition) for task in tasks for k in inits]
+    out = Path(cfg.out)
+    records = run_rollouts(env_cfg, policy, episodes, out, engine, run_config=config)
+    summary = write_summary(out, records, config)
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['config']['condition']}  ({summary['config']['env']} / {summary['config']['suite']})")
+    for col in ("task", "success", "n", "95% CI", "errors"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+
+    def row(name: str, s: dict) -> None:
+        lo, hi = s["ci95"]
+        table.add_row(name, f"{s['success_rate']:.1%}", str(s["n"]), f"[{lo:.1%}, {hi:.1%}]", str(s["errors"]))
+
+    for task, s in summary["per_task"].items():
+        row(task, s)
+    row("overall", summary["overall"])
+    Console().print(table)
+    print(f"episodes: {out / EPISODES_FILE}\nsummary:  {out / SUMMARY_FILE}")
