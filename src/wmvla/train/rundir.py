@@ -30,7 +30,8 @@ LATEST = "latest"
 
 # Fields that may differ between the original start and a resume of the same run (they do not change
 # what is computed).
-RESUME_MAY_DIFFER = ("log_every", "num_workers", "device", "progress", "out_root", "run_dir", "allow_resume_changes")
+RESUME_MAY_DIFFER = ("log_every", "val_every", "ckpt_every", "keep_checkpoints", "mean_baseline_check", "num_workers",
+                     "device", "progress", "out_root", "run_dir", "stop_after")
 
 
 def world_source_name(encoder: str) -> str:
