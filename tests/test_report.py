@@ -92,8 +92,11 @@ def write_train_log(root: Path, exp: str, head: str, seed: int, steps: int = 50,
         if exp != "E0":
             rec["gate"] = gate_fn(step) if gate_fn else 0.002 * step
         append_jsonl(log, rec)
-        if step % 20 == 0:  # validation rows go to val_log.jsonl (wmvla.train.rundir layout)
-            append_jsonl(log.parent / "val_log.jsonl", {"step": step, "action_mse": 0.8 / (1 + 0.1 * step)})
+        if step % 20 == 0:  # validation rows go to val_log.jsonl (as wmvla.train.loop.validate writes them)
+            append_jsonl(log.parent / "val_log.jsonl", {
+                "step": step, "action_mse": 0.8 / (1 + 0.1 * step), "mean_baseline_mse": 0.9,
+                "action_mae_real": 0.05 / (1 + 0.1 * step), "mean_baseline_mae_real": 0.06,
+                "action_mae_real_per_dim": [0.1] * 7, "beats_mean_baseline": True})
     atomic_write_json(log.parent / "done.json", {"final_step": steps})
 
 
@@ -349,6 +352,17 @@ def test_training_health_flags_bf16_stall_and_flat_loss(tmp_path):
     flags = {t["run"]: t["flags"] for t in report(root)["training"]}
     assert any("stall value" in f for f in flags["E2/tiny_m4_delta_flow/seed8"])
     assert flags["E1/tiny_m4_delta_flow/seed9"] == ["action loss did not decrease (0.2 -> 0.2)"]
+
+
+def test_training_health_flags_policy_no_better_than_the_mean(tmp_path):
+    root = make_root(tmp_path)
+    run = root / "E2" / "tiny_m4_delta_mse" / "seed0"
+    append_jsonl(run / "val_log.jsonl", {"step": 60, "action_mse": 0.21, "mean_baseline_mse": 0.2})
+    s = report(root)
+    t = next(t for t in s["training"] if t["run"] == "E2/tiny_m4_delta_mse/seed0")
+    assert t["val_action_mse_last"] == 0.21
+    assert t["flags"] == ["validation action MSE 0.21 does not beat predicting the mean action (0.2)"]
+    assert "0.21 (0.2)" in (root / "report.md").read_text()
 
 
 def test_plots_are_valid_pngs_and_cli_writes_everything(tmp_path, capsys):

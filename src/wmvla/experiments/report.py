@@ -643,6 +643,14 @@ def training_health(run: TrainRun) -> dict:
             out["flags"].append("action loss is NaN/inf")
         elif len(loss) >= 4 and last > 0.95 * first:
             out["flags"].append(f"action loss did not decrease ({first:.4g} -> {last:.4g})")
+    val = [r for r in run.records if _numeric(r.get("val_action_mse")) and _numeric(r.get("val_mean_baseline_mse"))]
+    if val:
+        last = val[-1]
+        out["val_action_mse_last"] = last["val_action_mse"]
+        out["val_mean_baseline_mse"] = last["val_mean_baseline_mse"]
+        if last["val_action_mse"] >= last["val_mean_baseline_mse"]:
+            out["flags"].append(f"validation action MSE {last['val_action_mse']:.4g} does not beat predicting the mean "
+                                f"action ({last['val_mean_baseline_mse']:.4g})")
     _, world = _series(run.records, "world_loss")
     if world:
         out["world_loss_last"] = world[-1]
@@ -774,25 +782,47 @@ def plot_gates(train_runs: list[TrainRun], path: Path) -> bool:
     return True
 
 
+# Validation keys plotted first (written by wmvla.train.loop.validate into val_log.jsonl), each with its
+# mean-action baseline (the earlier attempt's policy regressed to the mean; the baseline line shows it).
+PREFERRED_VAL_KEYS = ("val_action_mse", "val_action_mae_real")
+
+
+def _baseline_key(key: str) -> str:
+    return key.replace("val_action_", "val_mean_baseline_", 1)
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def plot_losses(train_runs: list[TrainRun], path: Path) -> bool:
-    keys = ["action_loss", "world_loss"]
-    val_keys = sorted({k for r in train_runs for rec in r.records for k in rec
-                       if k.startswith("val_") and isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)},
-                      key=lambda k: ("action" not in k, k))  # action errors first
-    panels = [k for k in keys if any(_series(r.records, k)[0] for r in train_runs)] + val_keys[:4]
+    present = {k for r in train_runs for rec in r.records for k, v in rec.items() if _numeric(v)}
+    panels = [k for k in ("action_loss", "world_loss") if k in present]
+    val_keys = [k for k in PREFERRED_VAL_KEYS if k in present]
+    if not val_keys:  # other loggers: any val_* number, action errors first
+        val_keys = sorted((k for k in present if k.startswith("val_")), key=lambda k: ("action" not in k, k))[:2]
+    panels += val_keys
     if not panels:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
+        base = _baseline_key(key) if key.startswith("val_action_") else None
+        values = []
         for r in train_runs:
             xs, ys = _series(r.records, key)
             if xs:
-                ax.plot(xs, ys, label=r.label, marker="o" if key.startswith("val_") else None, markersize=3,
-                        **_run_style(r))
-        if all(y > 0 for r in train_runs for y in _series(r.records, key)[1]):
+                ax.plot(xs, ys, marker="o" if key.startswith("val_") else None, markersize=3, **_run_style(r))
+                values += ys
+            if base and base in present:
+                bx, by = _series(r.records, base)
+                if bx:
+                    ax.plot(bx, by, color="black", linestyle=":", linewidth=1.0, alpha=0.6)
+                    values += by
+        if values and all(v > 0 for v in values):
             ax.set_yscale("log")
-        ax.set_title(key)
+        ax.set_title(key + (" (dotted: predict-the-mean baseline)" if base and base in present else ""),
+                     fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     _style_legend(axes[0][0], train_runs)
@@ -924,9 +954,11 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
                  f"{t['action_loss_first']:.4g} -> {t['action_loss_last']:.4g}" if "action_loss_last" in t else "-",
                  f"{t['world_loss_last']:.4g}" if "world_loss_last" in t else "-",
                  f"{t['gate_last']:.4g}" if "gate_last" in t else "-",
+                 f"{t['val_action_mse_last']:.4g} ({t['val_mean_baseline_mse']:.4g})" if "val_action_mse_last" in t
+                 else "-",
                  "; ".join(t["flags"]) or "ok"] for t in tr]
-        out.append(_md_table(["run", "last step", "finished (done.json)", "action loss (first -> last)", "world loss (last)", "gate (last)",
-                              "flags"], rows))
+        out.append(_md_table(["run", "last step", "finished", "action loss (first -> last)", "world loss (last)",
+                              "gate (last)", "val action MSE (mean baseline)", "flags"], rows))
         for key, title in (("gates", "gate curves"), ("losses", "loss curves")):
             if key in plots:
                 out += ["", f"![{title}]({plots[key]})"]
