@@ -1012,7 +1012,7 @@ def build_report(cfg: ReportConfig) -> dict:
     """Read the run folder, write report.md, summary.json and plots; return the summary dict."""
     run_root = Path(cfg.run_root)
     if not run_root.is_dir():
-        raise WmvlaError(f"run folder {run_root} does not exist; pass the folder given to `wmvla matrix --out`.")
+        raise WmvlaError(f"run folder {run_root} does not exist; pass the run folder that `wmvla matrix` wrote.")
     runs, warnings, reference_dirs = load_eval_runs(run_root, cfg.exclude)
     if not runs:
         raise WmvlaError(
