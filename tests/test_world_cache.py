@@ -78,6 +78,10 @@ def test_online_rollout_latents_equal_cached_latents(ds, reference):
         got = np.stack([online.push(slot, f) for f in frames])
         cached = reference.get(np.arange(ep.start, ep.start + ep.length))
         np.testing.assert_allclose(got.astype(np.float16).astype(np.float32), cached, atol=1e-3, rtol=1e-3)
+    # the spec records the dataset's frame size: rollout frames of another size are refused, not resized
+    assert reference.spec.frame_shape == (32, 32)
+    with pytest.raises(WmvlaError, match=r"uint8 \(32, 32, 3\) frames of camera 'observation.images.image'"):
+        online.push(0, np.zeros((64, 64, 3), np.uint8))
 
 
 def test_workers_and_small_blocks_give_identical_latents(ds, enc, reference, tmp_path):

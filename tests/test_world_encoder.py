@@ -157,6 +157,9 @@ def test_local_checkpoint_loads_through_from_pretrained(tiny, tmp_path):
     assert enc.spec.source == "vjepa"
     clips = np.random.default_rng(4).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
     assert np.allclose(enc.encode_clips(clips), tiny.encode_clips(clips), atol=1e-6)
+    assert build_world_encoder(enc.spec, device="cpu").spec == enc.spec  # rebuilt from its own record
+    with pytest.raises(WmvlaError, match="changed: its fingerprint"):
+        build_world_encoder(dataclasses.replace(enc.spec, revision="local-0000"), device="cpu")
     with pytest.raises(WmvlaError, match="hidden size 64"):
         build_world_encoder(WorldEncoderSpec(encoder=str(tmp_path / "ckpt"), dim=1024), device="cpu")
     with pytest.raises(WmvlaError, match="could not load the V-JEPA 2 encoder"):

@@ -21,6 +21,7 @@ used online, so overlapping windows share frames instead of decoding/preprocessi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -292,6 +293,16 @@ def precompute_latents(
     npy = Path(out)
     meta_p, prog_p = meta_path(npy), progress_path(npy)
     spec = encoder.spec
+    feature = ds.features.get(spec.camera_key, {})
+    if feature.get("dtype") not in ("image", "video"):
+        raise WmvlaError(f"camera {spec.camera_key!r} is not an image feature of {ds.root}; image features: "
+                         f"{[k for k, v in ds.features.items() if v.get('dtype') in ('image', 'video')]}.")
+    shape = tuple(int(x) for x in feature["shape"][:2])
+    if spec.frame_shape is None:  # the record says which frames the latents were made from (online check)
+        spec = encoder.spec = dataclasses.replace(spec, frame_shape=shape)
+    elif spec.frame_shape != shape:
+        raise WmvlaError(f"encoder spec expects {spec.frame_shape} frames, camera {spec.camera_key!r} of {ds.root} "
+                         f"has {shape}.")
     fingerprint = _fingerprint(ds)
     ranges = _episode_ranges(ds)
     n, d = int(ds.num_frames), int(spec.dim)
@@ -492,6 +503,7 @@ def run_latents(cfg: LatentsConfig) -> int:
         raise WmvlaError(f"camera {spec.camera_key!r} is not an image feature of {cfg.dataset}; image features: "
                          f"{[k for k, v in ds.features.items() if v.get('dtype') in ('image', 'video')]}. "
                          "Fix: --camera-key KEY.")
+    spec = dataclasses.replace(spec, frame_shape=tuple(int(x) for x in ds.features[spec.camera_key]["shape"][:2]))
     encoder = build_world_encoder(spec, cfg.device)
     out = (Path(cfg.out) / cache_filename(encoder.spec)) if cfg.out else default_cache_path(cfg.dataset, encoder.spec, cfg.cache_root)
     print(f"latents: {ds.num_frames} frames / {ds.num_episodes} episodes of {cfg.dataset} -> {out}")

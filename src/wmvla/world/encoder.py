@@ -85,8 +85,13 @@ class WorldEncoderSpec:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # compute; auto -> bf16 on CUDA, fp32 on CPU
     preprocessing: str = PREPROCESSING_ID
     seed: int = 0  # weight seed of the tiny encoder (ignored for pretrained ones)
+    # (H, W) of the camera frames the latents were computed from; filled in by the precompute from the
+    # dataset. The online encoder refuses rollout frames of another size (a resize would change the latents).
+    frame_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.frame_shape is not None:
+            object.__setattr__(self, "frame_shape", tuple(int(x) for x in self.frame_shape))
         if self.window < 1:
             raise WmvlaError(f"WorldEncoderSpec.window must be >= 1, got {self.window}.")
         if self.pooling not in ("mean", "last"):
@@ -309,8 +314,14 @@ def build_world_encoder(spec: WorldEncoderSpec, device: str | torch.device | Non
         local = Path(spec.encoder).expanduser()
         try:
             if local.exists():
+                revision = _local_revision(local)
+                if spec.revision is not None and spec.revision != revision:
+                    raise WmvlaError(
+                        f"local encoder folder {local} changed: its fingerprint is {revision}, the spec (cache or "
+                        f"checkpoint) records {spec.revision}. Fix: use the checkpoint the latents were made with, "
+                        "or recompute the latents."
+                    )
                 model = VJEPA2Model.from_pretrained(str(local), attn_implementation="sdpa")
-                revision = spec.revision or _local_revision(local)
             else:
                 model = VJEPA2Model.from_pretrained(spec.encoder, revision=spec.revision, attn_implementation="sdpa")
                 revision = spec.revision or getattr(model.config, "_commit_hash", None) or "main"
@@ -372,7 +383,16 @@ class OnlineWorldEncoder:
         """One frame per slot, encoded as one batch -> float32 [len(slots), D]."""
         if len(set(slots)) != len(slots):
             raise WmvlaError(f"push_many: each slot at most once per call, got {list(slots)}.")
-        pre = self.encoder.preprocess_frames(np.stack([np.asarray(f) for f in frames]))
+        frames = [np.asarray(f) for f in frames]
+        want = self.spec.frame_shape
+        for f in frames:
+            if f.dtype != np.uint8 or f.ndim != 3 or f.shape[-1] != 3 or (want is not None and f.shape[:2] != want):
+                raise WmvlaError(
+                    f"world encoder got a frame {f.dtype} {f.shape}; the latents were computed from uint8 "
+                    f"{(*want, 3) if want else '[H, W, 3]'} frames of camera {self.spec.camera_key!r}. Fix: render "
+                    "that camera at the dataset's resolution and orientation (a resize here would change the latents)."
+                )
+        pre = self.encoder.preprocess_frames(np.stack(frames))
         clips = [self.buffers[s].push(pre[i]) for i, s in enumerate(slots)]
         return self.encoder.encode_preprocessed(self.encoder.stack_clips(clips)).cpu().numpy()
 
