@@ -937,10 +937,11 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     if ok:
         ns = sorted({c["n_pairs"] for c in ok})
         mdds = [c["mdd"] for c in ok]
-        span = _pts(min(mdds)) if max(mdds) - min(mdds) < 5e-4 else f"{_pts(min(mdds))} to {_pts(max(mdds))}"
+        span = (f"{_pts(min(mdds))} (at the reference's success rate)" if max(mdds) - min(mdds) < 5e-4 else
+                f"{_pts(min(mdds))} to {_pts(max(mdds))} (depending on the reference's success rate)")
         out.append(f"With {', '.join(map(str, ns))} matched episodes per comparison, a two-sided test at alpha "
                    f"{cfg.alpha} detects with {cfg.power:.0%} power only differences of about "
-                   f"{span} (depending on the baseline rate). Smaller true "
+                   f"{span}. Smaller true "
                    "effects will usually come out non-significant; the McNemar test gains power when outcomes of "
                    "matched episodes are correlated, so these numbers are conservative.")
     else:
