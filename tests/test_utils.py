@@ -78,3 +78,14 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
         assert name in out
     with pytest.raises(SystemExit, match="unknown command"):
         cli.main(["bogus"])
+
+
+def test_atomic_files_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "shared.json"
+    atomic_write_json(target, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
