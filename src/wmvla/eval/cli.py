@@ -165,6 +165,11 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
 
 def run_eval(cfg: EvalConfig) -> int:
     env_cfg = cfg.env_config()
+    if (cfg.scripted is None) == (cfg.checkpoint is None):
+        raise WmvlaError("choose exactly one policy: --scripted expert|random|noop or --checkpoint DIR")
+    if cfg.scripted == "expert" and cfg.env != "metaworld":
+        raise WmvlaError(f"the scripted expert exists for MetaWorld only, not {cfg.env!r}; "
+                         "use --scripted random or noop, or a --checkpoint")
     tasks = resolve_tasks(env_cfg, cfg.tasks)
     if cfg.episodes < 1:
         raise WmvlaError(f"--episodes must be >= 1, got {cfg.episodes}")

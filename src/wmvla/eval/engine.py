@@ -43,7 +43,8 @@ from wmvla.utils import WmvlaError, append_jsonl, atomic_write_json, config_diff
 EPISODES_FILE = "episodes.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 # Settings that may change between a run and its resumption without changing any episode's result.
-RESUME_IGNORED_KEYS = ("tasks", "episodes", "workers", "videos", "max_steps_per_task", "progress")
+RESUME_IGNORED_KEYS = ("tasks", "episodes", "episodes_per_task", "init_indices", "workers", "videos",
+                       "max_steps_per_task", "progress")
 
 
 class BatchPolicy(Protocol):
