@@ -179,6 +179,12 @@ def test_open_refuses_a_dataset_changed_since_caching(enc, tmp_path):
     kw = dict(layout="v3_png", image_size=32, min_length=6, max_length=9, seed=1)
     ds = _open(make_libero_like(root, episodes=3, num_tasks=1, **kw))
     cache = precompute_latents(ds, enc, tmp_path / "c.fp16.npy", **QUIET)
+    # the same content in another folder is the same dataset (location is recorded, not compared)
+    import shutil
+
+    moved = _open(shutil.copytree(root, tmp_path / "moved"))
+    assert moved.fingerprint()["source"] != ds.fingerprint()["source"]
+    LatentCache.open(cache.path, dataset=moved)
     # regenerated with the same frame count but other task labels: only the fingerprint can tell
     relabelled = _open(make_libero_like(root, episodes=3, num_tasks=3, **kw))
     assert relabelled.num_frames == ds.num_frames

@@ -95,6 +95,23 @@ def _fingerprint(ds) -> dict:
     return to_jsonable(ds.fingerprint())
 
 
+# Where the dataset was read from is recorded but not compared: the same content moved to another folder
+# (or reached through another path) is the same dataset. Content (hash of the metadata files, counts) is.
+_LOCATION_KEYS = ("source", "revision")
+
+
+def _dataset_diff(recorded: dict, found: dict) -> list[str]:
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k not in _LOCATION_KEYS}  # noqa: E731
+    return config_diff(strip(recorded), strip(found))
+
+
+def _identity_diff(expected: dict, found: dict) -> list[str]:
+    """Differences between two {spec, dataset, num_rows, dim} records (dataset compared by content)."""
+    out = config_diff({k: v for k, v in expected.items() if k != "dataset"},
+                      {k: found.get(k) for k in expected if k != "dataset"})
+    return out + [f"dataset.{line}" for line in _dataset_diff(expected["dataset"], found.get("dataset"))]
+
+
 def _nonfinite_rows(arr: np.ndarray, chunk: int = 65536) -> np.ndarray:
     bad = []
     for a in range(0, arr.shape[0], chunk):
@@ -213,7 +230,7 @@ class LatentCache:
                     f"{dataset.num_frames} frames (one row per frame expected). Fix: recompute the latents for "
                     f"this dataset with {how}, or use the dataset the cache was made from ({meta['dataset']})."
                 )
-            diff = config_diff(meta["dataset"], _fingerprint(dataset))
+            diff = _dataset_diff(meta["dataset"], _fingerprint(dataset))
             if diff:
                 raise WmvlaError(
                     f"the dataset changed since latent cache {npy} was computed:\n  - " + "\n  - ".join(diff)
@@ -310,8 +327,7 @@ def precompute_latents(
 
     if meta_p.exists() and not overwrite:
         meta = json.loads(meta_p.read_text())
-        found = {k: meta.get(k) for k in identity}
-        diff = config_diff(to_jsonable(identity), found)
+        diff = _identity_diff(to_jsonable(identity), meta)
         if not diff:
             log(f"latents: {npy} is already complete for this spec and dataset; nothing to do")
             return LatentCache.open(npy, expect=spec, dataset=ds)
@@ -323,7 +339,7 @@ def precompute_latents(
     episodes_done = 0
     if prog_p.exists() and not overwrite and npy.exists():
         prog = json.loads(prog_p.read_text())
-        diff = config_diff(to_jsonable(identity), {k: prog.get(k) for k in identity})
+        diff = _identity_diff(to_jsonable(identity), prog)
         if diff:
             raise WmvlaError(
                 f"{npy} is a partial precompute with different settings:\n  - " + "\n  - ".join(diff)
