@@ -621,6 +621,9 @@ class LeRobotDataset:
 # -------------------------------------------------------------------------------- per-process files
 
 
+_INHERITED: list = []  # see _Handles.get
+
+
 class _Handles:
     """Open parquet files, row-group caches and video decoders of one process (reset after fork)."""
 
@@ -632,6 +635,10 @@ class _Handles:
 
     def get(self) -> _Handles:
         if self._pid != os.getpid():  # first use, or inherited through fork: start fresh
+            if self._pid is not None:
+                # Objects inherited through fork belong to the parent. Never close or free them here:
+                # deallocating an inherited PyAV container in the child deadlocks inside FFmpeg.
+                _INHERITED.append((self._parquet, self._row_groups, self._videos))
             self._pid = os.getpid()
             self._parquet: dict[Path, pq.ParquetFile] = {}
             self._rg_starts: dict[Path, np.ndarray] = {}

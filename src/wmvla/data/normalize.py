@@ -118,7 +118,10 @@ def feature_stats(x: np.ndarray, key: str, mode: str = "mean_std", passthrough_d
 def compute_stats(ds: Any, keys: DatasetKeys, action_mode: str = "quantile",
                   passthrough_dims: Sequence[int] | None = None, state_mode: str = "mean_std",
                   frame_indices: np.ndarray | None = None) -> dict[str, NormStats]:
-    """{"state": NormStats, "action": NormStats} from whole columns of `ds` (a LeRobotDataset).
+    """{keys.state_key: NormStats, keys.action_key: NormStats} from whole columns of `ds` (a LeRobotDataset).
+
+    The result is keyed by dataset key (e.g. "observation.state", "action"), as the policy processor
+    looks stats up by the keys it was configured with.
 
     passthrough_dims: action dims left as they are; None = the last action dim (the gripper).
     frame_indices: restrict to these frames (e.g. the training episodes); default all frames.
@@ -130,9 +133,11 @@ def compute_stats(ds: Any, keys: DatasetKeys, action_mode: str = "quantile",
     action = action.reshape(len(action), -1)
     if passthrough_dims is None:
         passthrough_dims = (action.shape[1] - 1,)
+    if keys.state_key == keys.action_key:
+        raise WmvlaError(f"state_key and action_key are the same column {keys.state_key!r}")
     return {
-        "state": feature_stats(state, keys.state_key, mode=state_mode),
-        "action": feature_stats(action, keys.action_key, mode=action_mode, passthrough_dims=passthrough_dims),
+        keys.state_key: feature_stats(state, keys.state_key, mode=state_mode),
+        keys.action_key: feature_stats(action, keys.action_key, mode=action_mode, passthrough_dims=passthrough_dims),
     }
 
 

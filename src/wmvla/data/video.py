@@ -103,6 +103,7 @@ class VideoReader:
             raise WmvlaError(f"{self.path}: cannot open video ({e}); the file is corrupt or not an mp4.") from e
         # One decoding thread: DataLoader workers already run in parallel.
         self._stream.thread_type = "SLICE"
+        self._stream.codec_context.thread_count = 1
         self.tolerance = 0.5 / float(fps)  # half a frame: frames sit on a k/fps grid
         self._frames = None  # decode generator
         self._cur_time: float | None = None
