@@ -416,3 +416,9 @@ def save_tiny_checkpoint(cfg: PolicyConfig, path: str | os.PathLike) -> None:
         model = full_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    mean, std = IMAGE_NORM_DEFAULTS[family]
+    vc = config.vision_config
+    with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor", "image_mean": mean, "image_std": std,
+                   "patch_size": vc.patch_size, "merge_size": vc.spatial_merge_size,
+                   "temporal_patch_size": vc.temporal_patch_size}, f, indent=2)

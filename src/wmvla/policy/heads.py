@@ -12,8 +12,10 @@ FlowHead: rectified flow (flow matching) over the whole chunk.
   so never evaluated the field where it integrates from (a test integrates a known field exactly).
   The velocity network is a small transformer over the H chunk positions (self-attention across the chunk,
   so the actions of a chunk are predicted jointly, not per token): token i = W_a x_t[i] + W_c ACT_i + pos_i;
-  the flow time enters every block through adaLN (shift/scale from a sinusoidal time embedding, the
-  modulation initialised to zero, i.e. plain LayerNorm at the start).
+  the flow time (sinusoidal embedding + MLP) is added to every token and modulates every block through adaLN
+  (shift/scale, initialised to zero, i.e. plain LayerNorm at the start).
+  Padded chunk steps (past the episode end) are excluded from the loss but stay in the chunk's attention, as
+  at inference, where all H positions are sampled together.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ class FlowHead(nn.Module):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x_t [B, H, A], t [B], cond [B, H, d] -> velocity [B, H, A]."""
-        tok = self.action_in(x_t) + self.cond_in(cond) + self.pos
-        c = self.time_mlp(sinusoidal_time_embedding(t, self.flow_width).to(tok.dtype))
+        c = self.time_mlp(sinusoidal_time_embedding(t, self.flow_width))  # [B, w]
+        # time enters additively (effective from initialisation) and through every block's adaLN
+        tok = self.action_in(x_t) + self.cond_in(cond) + self.pos + c[:, None]
         for block in self.blocks:
             tok = block(tok, c)
         return self.out(self.final_norm(tok))

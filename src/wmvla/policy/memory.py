@@ -67,7 +67,8 @@ class GatedMemoryAttention(nn.Module):
 
 def random_like_memory(memory: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian memory whose per-slot norms equal the given memory's ([B, K, D] -> [B, K, D])."""
-    noise = torch.randn(memory.shape, generator=generator, device=memory.device, dtype=torch.float32)
+    noise = torch.randn(memory.shape, generator=generator, dtype=torch.float32,
+                        device=generator.device if generator is not None else memory.device).to(memory.device)
     scale = memory.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (noise * scale).to(memory.dtype)
 

@@ -94,9 +94,18 @@ class VLAPolicy(nn.Module):
                 self.head = FlowHead(d, cfg.flow_width, cfg.flow_depth, cfg.flow_heads, cfg.action_dim,
                                      cfg.chunk_size, cfg.flow_steps, cfg.flow_time_sampling)
         self._shuffle_bank = ShuffleBank(cfg.shuffle_bank_size)
+        # Randomness of the memory ablations (random noise, shuffle-bank draws) has its own CPU stream, so the
+        # action-noise generator passed to forward/predict_action draws the same numbers in every memory mode
+        # (paired ablations compare the same flow noise).
+        self.memory_rng = torch.Generator().manual_seed(cfg.init_seed + 7)
         self._configure_finetuning()
         if cfg.gradient_checkpointing:
-            self.backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = self.backbone.model
+            kwargs = {"use_reentrant": False}  # frozen embeddings: the reentrant variant would drop gradients
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.check_precision()
 
     @classmethod
@@ -176,10 +185,11 @@ class VLAPolicy(nn.Module):
                              "use autocast_bf16 for bf16 compute.")
 
     def _persistent_keys(self) -> set[str]:
-        """Keys of the trainable-weights state dict: trainable parameters + buffers of the new modules."""
-        keys = {n for n, _ in self.trainable_parameters()}
-        keys |= {n for n, _ in self.named_buffers() if not n.startswith("backbone.")}
-        return keys & set(self.state_dict().keys())
+        """Keys of the trainable-weights state dict: trainable parameters + persistent buffers (the Prophet's
+        latent mean/std; transformers' rotary buffers are not persistent)."""
+        state_keys = set(self.state_dict().keys())
+        params = dict(self.named_parameters())
+        return {n for n, p in params.items() if p.requires_grad} | {n for n in state_keys if n not in params}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must store: trainable weights (+ Prophet normalisation buffers); no frozen backbone."""
@@ -196,6 +206,26 @@ class VLAPolicy(nn.Module):
                              "Build the policy from the checkpoint's own config.")
         self.load_state_dict(dict(state_dict), strict=False)
         self.check_precision()
+
+    def first_step_zero_grad_patterns(self) -> tuple[str, ...]:
+        """Glob patterns of trainable parameters whose gradient is exactly zero at the first step, by design.
+
+        - the memory block behind the closed gate (tanh(0) = 0 multiplies its output; only the gate itself
+          gets a gradient at step 1, the rest from step 2 on);
+        - LoRA A matrices (B starts at zero, so dL/dA = 0 until B has moved);
+        - the memory input projection's weight under zero memory (its input is all zeros);
+        - the Prophet behind its zero-initialised output layer (delta prediction starts at copy-the-present).
+        Everything else must get a non-zero gradient at step 1 (train.checks.check_first_step).
+        """
+        patterns = []
+        if self.memory is not None:
+            patterns += [f"memory.{n}" for n, _ in self.memory.named_parameters() if n != "gate"]
+        if self.prophet is not None and self.cfg.prophet_delta:
+            # the Prophet's zero-initialised output layer (delta = 0: copy-the-present) shields the rest
+            patterns += [f"prophet.{n}" for n, _ in self.prophet.named_parameters() if not n.startswith("out_proj.")]
+        if self.cfg.finetune == "lora":
+            patterns.append("*.lora_A.*")
+        return tuple(patterns)
 
     @property
     def tokenizer(self):
@@ -235,11 +265,14 @@ class VLAPolicy(nn.Module):
         index = inputs["act_index"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         h = self.readout_norm(hidden.gather(1, index).float())
         if self.state_proj is not None:
-            h = h + self.state_proj(inputs["state"].to(h.dtype))
+            h = h + self.state_proj(inputs["state"].to(h.dtype)).unsqueeze(1)  # same state for all H
         return h.float()
 
-    def _memory(self, mode: str, inputs: Mapping, world_pred: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def reset_memory_rng(self, seed: int) -> None:
+        """Reseed the memory-ablation stream (random / shuffle); e.g. once per evaluation run."""
+        self.memory_rng.manual_seed(seed)
+
+    def _memory(self, mode: str, inputs: Mapping, world_pred: torch.Tensor | None) -> torch.Tensor:
         """Memory [B, K, D] in the Prophet's standardised latent space for the given mode."""
         b = inputs["input_ids"].shape[0]
         shape = (b, self.cfg.world_horizon, self.cfg.world_dim)
@@ -257,12 +290,12 @@ class VLAPolicy(nn.Module):
         if mode == "pred":
             return pred
         if mode == "random":
-            return random_like_memory(pred, generator)
+            return random_like_memory(pred, self.memory_rng)
         if mode == "shuffle":
             if b > 1:
                 out = pred.roll(1, dims=0)
             else:
-                drawn = self._shuffle_bank.draw(1, generator)
+                drawn = self._shuffle_bank.draw(1, self.memory_rng)
                 if drawn is None:
                     log.warning("shuffle memory at batch size 1 with an empty bank: using zeros for this call")
                     out = torch.zeros_like(pred)
@@ -284,7 +317,7 @@ class VLAPolicy(nn.Module):
                              "none means the module does not exist (E0); a policy with the module uses zero instead")
         return memory_mode
 
-    def _run(self, inputs: Mapping, mode: str, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+    def _run(self, inputs: Mapping, mode: str) -> tuple[torch.Tensor, dict]:
         """Shared by forward and predict: ACT states after memory + diagnostics + Prophet prediction."""
         info: dict = {"memory_mode": mode}
         h = self.encode(inputs)
@@ -293,7 +326,7 @@ class VLAPolicy(nn.Module):
             world_pred = self.prophet(inputs["world_history"].float())
         info["world_pred"] = world_pred
         if self.memory is not None:
-            mem = self._memory(mode, inputs, world_pred, generator)
+            mem = self._memory(mode, inputs, world_pred)
             info["memory_norm"] = mem.detach().float().norm(dim=-1).mean()
             h, mem_info = self.memory(h, mem.float())
             info.update(mem_info)
@@ -308,7 +341,7 @@ class VLAPolicy(nn.Module):
             raise WmvlaError("forward needs `actions` (and action_mask) in the batch; use predict_action at rollout")
         mode = self._resolve_mode(memory_mode, rollout=False)
         with self.autocast():
-            h, info = self._run(inputs, mode, generator)
+            h, info = self._run(inputs, mode)
             action_loss = self.head.loss(h, inputs["actions"], inputs.get("action_mask"), generator)
             world_loss = None
             world_pred = info.pop("world_pred")
@@ -337,7 +370,7 @@ class VLAPolicy(nn.Module):
             inputs = self.prepare(batch)
             mode = self._resolve_mode(memory_mode, rollout=rollout)
             with self.autocast():
-                h, _ = self._run(inputs, mode, generator)
+                h, _ = self._run(inputs, mode)
                 return self.head.predict(h, generator).float()
         finally:
             self.train(was_training)
@@ -351,7 +384,8 @@ class VLAPolicy(nn.Module):
         An observation is {"images": {camera_key: uint8 HxWx3} (or an array [n_cams, H, W, 3] in
         camera_keys order), "state": float [S], "task": str}; `task=` overrides/supplies the instruction.
         world_history: [T, D] or [B, T, D] latents for memory modes pred/random/shuffle. generator: a
-        torch.Generator on the model's device or an int seed (flow noise, random memory).
+        torch.Generator on the model's device or an int seed, for the flow head's noise (the memory ablations
+        draw from `memory_rng`, so the same generator gives the same action noise in every memory mode).
         """
         single = isinstance(observation, Mapping)
         observations = [observation] if single else list(observation)
