@@ -69,11 +69,20 @@ def libero_features(image_size: int = 256) -> dict:
     }
 
 
-def libero_like_image(episode: int, t: int, camera: int, size: int) -> np.ndarray:
-    """Deterministic frame: colour per (episode, camera), grey band per t, square moving with t."""
+def _texture(camera: int, size: int) -> np.ndarray:
+    """A fixed noise pattern per camera (static 'scene detail'): PNG/mp4 sizes and decode costs close to
+    rendered images, where flat colours would compress unrealistically well."""
+    return np.random.default_rng(1000 + camera).integers(0, 48, size=(size, size, 3), dtype=np.uint8)
+
+
+def libero_like_image(episode: int, t: int, camera: int, size: int, texture: bool = False) -> np.ndarray:
+    """Deterministic frame: colour per (episode, camera), grey band per t, square moving with t
+    (+ a static noise texture when `texture`)."""
     img = np.empty((size, size, 3), dtype=np.uint8)
     base = np.array([40 + 37 * (episode % 5), 60 + 29 * (episode % 6), 200 - 45 * camera], dtype=np.uint8)
     img[:] = base
+    if texture:
+        img += _texture(camera, size)
     band = size // 4
     img[:band] = (30 + 23 * t + 60 * camera) % 200 + 30
     sq = max(2, size // 4)
@@ -84,7 +93,8 @@ def libero_like_image(episode: int, t: int, camera: int, size: int) -> np.ndarra
     return img
 
 
-def libero_like_episode(episode: int, length: int, image_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def libero_like_episode(episode: int, length: int, image_size: int, rng: np.random.Generator,
+                        texture: bool = False) -> dict[str, np.ndarray]:
     """One episode's frames in the LIBERO schema."""
     t = np.arange(length, dtype=np.float32)[:, None]
     drift = rng.normal(0, 0.5, size=(1, 6)).astype(np.float32)
@@ -96,7 +106,7 @@ def libero_like_episode(episode: int, length: int, image_size: int, rng: np.rand
     arm = np.clip(0.5 * np.sin(0.3 * t + drift) + rng.normal(0, 0.1, size=(length, 6)), -0.9375, 0.9375)
     action = np.concatenate([arm, gripper_action], axis=1)
     frames = {
-        CAMERA_KEYS[c]: np.stack([libero_like_image(episode, i, c, image_size) for i in range(length)])
+        CAMERA_KEYS[c]: np.stack([libero_like_image(episode, i, c, image_size, texture) for i in range(length)])
         for c in range(2)
     }
     frames["observation.state"] = state.astype(np.float32)
@@ -114,11 +124,13 @@ def episode_lengths(episodes: int, seed: int, min_length: int, max_length: int) 
 
 def make_libero_like(path: str | os.PathLike, layout: str = "v3_png", episodes: int = 6, seed: int = 0,
                      image_size: int = 256, num_tasks: int = 3, min_length: int = 8, max_length: int = 20,
-                     overwrite: bool = True, **writer_kwargs) -> Path:
+                     overwrite: bool = True, texture: bool = False, **writer_kwargs) -> Path:
     """Write a LIBERO-schema dataset in `layout` to `path`; returns the dataset root.
 
     Episode e has task LIBERO_TASKS[e % num_tasks] and a length drawn from [min_length, max_length]
-    (at least two different lengths). `writer_kwargs` go to LeRobotV3Writer (e.g. data_files_size_in_mb
+    (at least two different lengths). `texture` adds a static noise pattern to the images (realistic
+    PNG/mp4 sizes for benchmarks; frames stay reproducible with libero_like_image(..., texture=True)).
+    `writer_kwargs` go to LeRobotV3Writer (e.g. data_files_size_in_mb
     to force several data files).
     """
     if layout not in LAYOUTS:
@@ -130,7 +142,7 @@ def make_libero_like(path: str | os.PathLike, layout: str = "v3_png", episodes: 
 
     def generate() -> Iterable[tuple[str, dict]]:
         for e, n in enumerate(lengths):
-            yield LIBERO_TASKS[e % num_tasks], libero_like_episode(e, n, image_size, rng)
+            yield LIBERO_TASKS[e % num_tasks], libero_like_episode(e, n, image_size, rng, texture)
 
     features = libero_features(image_size)
     if layout.startswith("v3"):

@@ -241,7 +241,7 @@ class LeRobotV3Writer:
                  image_storage: str = "png", *, overwrite: bool = False, chunks_size: int = DEFAULT_CHUNK_SIZE,
                  data_files_size_in_mb: float = DEFAULT_DATA_FILE_SIZE_IN_MB,
                  video_files_size_in_mb: float = DEFAULT_VIDEO_FILE_SIZE_IN_MB,
-                 row_group_frames: int = 64, png_compress_level: int = 1, video_codec: str = DEFAULT_CODEC,
+                 row_group_frames: int | None = None, png_compress_level: int = 1, video_codec: str = DEFAULT_CODEC,
                  video_crf: int = 20, video_gop: int = 2):
         if image_storage not in ("png", "video"):
             raise WmvlaError(f"image_storage must be 'png' or 'video', got {image_storage!r}")
@@ -254,7 +254,9 @@ class LeRobotV3Writer:
         self.chunks_size = chunks_size
         self.data_files_size_in_mb = data_files_size_in_mb
         self.video_files_size_in_mb = video_files_size_in_mb
-        self.row_group_frames = row_group_frames
+        # Random access to one inline PNG reads its whole row group (that column only): keep row groups
+        # small when images are inline (16 frames of 256 px PNG ~ 2 MB per read), large otherwise.
+        self.row_group_frames = row_group_frames or (16 if image_storage == "png" else 1000)
         self.png_compress_level = png_compress_level
         self.video_codec, self.video_crf, self.video_gop = video_codec, video_crf, video_gop
 
