@@ -318,7 +318,7 @@ class VLBackbone(nn.Module):
             config = tiny_model_config(self.family, cfg, tokenizer)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.init_seed)
-                model = base_cls._from_config(config, attn_implementation=attn, dtype=torch.float32)
+                model = base_cls._from_config(config, attn_implementation=attn)  # fp32 (the default dtype)
             self.image_mean, self.image_std = IMAGE_NORM_DEFAULTS[self.family]
         else:
             tokenizer = _load_tokenizer(cfg.backbone, cfg.revision)
@@ -413,7 +413,7 @@ def save_tiny_checkpoint(cfg: PolicyConfig, path: str | os.PathLike) -> None:
     config = tiny_model_config(family, cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        model = full_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = full_cls._from_config(config, attn_implementation="sdpa")
     model.to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     mean, std = IMAGE_NORM_DEFAULTS[family]

@@ -60,7 +60,7 @@ class GatedMemoryAttention(nn.Module):
         info = {
             "gate": torch.tanh(self.gate.detach()).abs().mean(),
             "attn_entropy": entropy.detach(),
-            "attn_entropy_max": torch.tensor(math.log(self.horizon)),
+            "attn_entropy_max": torch.tensor(math.log(self.horizon), device=h.device),
         }
         return out, info
 

@@ -227,6 +227,10 @@ class VLAPolicy(nn.Module):
             patterns.append("*.lora_A.*")
         return tuple(patterns)
 
+    def gate_value(self) -> float | None:
+        """|tanh(g)| of the memory gate (mean over channels); None without memory (E0)."""
+        return None if self.memory is None else float(torch.tanh(self.memory.gate.detach()).abs().mean())
+
     @property
     def tokenizer(self):
         """The tokenizer with the <ACT_i> tokens (save it with the checkpoint)."""
