@@ -66,3 +66,14 @@ def test_bad_input(tmp_path, capsys):
     assert main(["eval", "--suite", "core5", "--tasks", "reach,nope", "--scripted", "noop", "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert "unknown metaworld task(s)" in err and "0:reach-v3" in err and "Traceback" not in err
+
+
+def test_two_conditions_face_the_same_initial_conditions_and_pair_up(tmp_path):
+    """E0 vs E2 in miniature: two policies, same flags -> every episode has a partner (same task, init, seed)."""
+    from wmvla.eval.stats import compare_episode_files
+
+    for name in ("noop", "random"):
+        run_eval(EvalConfig(out=tmp_path / name, suite="core5", tasks="reach,push", episodes=3, workers=0,
+                            scripted=name, max_steps=4, progress=False))
+    out = compare_episode_files(tmp_path / "noop" / "episodes.jsonl", tmp_path / "random" / "episodes.jsonl")
+    assert out["mcnemar"]["n_pairs"] == 6 and out["unpaired_a"] == out["unpaired_b"] == 0

@@ -30,16 +30,21 @@ class Recorder:
         self.batch_sizes: list[int] = []
         self.seen: dict[int, int] = {}
         self.resets = 0
+        self.task: dict[int, str] = {}
+        self.first_states: dict[str, list[np.ndarray]] = {}  # task -> initial state of each episode
 
     def reset(self, slot, task, instruction):
         self.resets += 1
         self.seen[slot] = 0
+        self.task[slot] = task
         self.inner.reset(slot, task, instruction)
 
     def act(self, slots, observations, instructions):
         self.batch_sizes.append(len(slots))
         for s, o in zip(slots, observations):
             assert o["images"]["observation.images.image"].shape == (self.image_size, self.image_size, 3)
+            if self.seen[s] == 0:
+                self.first_states.setdefault(self.task[s], []).append(o["state"])
             self.seen[s] += 1
         return self.inner.act(slots, observations, instructions)
 
@@ -65,6 +70,10 @@ def test_expert_reaches_known_success_with_two_workers(tmp_path):
         records, key=lambda r: (r["task"], r["init_index"]))
     assert max(policy.batch_sizes) == 2  # one policy call serves both workers
     assert policy.resets == 50
+    # every episode of a task started from its own init state (no state reused across slots or a batch)
+    for task, states in policy.first_states.items():
+        objects = np.round(np.stack(states)[:, 4:7], 5)
+        assert len(np.unique(objects, axis=0)) == 10, task
 
 
 def test_random_policy_scores_about_zero(tmp_path):
