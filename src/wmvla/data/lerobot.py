@@ -281,7 +281,8 @@ class LeRobotDataset:
             raise _bad(ep_files[0].parent, f"episode metadata files have incompatible schemas ({_short(e)})",
                        "regenerate the dataset") from e
         self._meta_files = ["meta/info.json", "meta/tasks.parquet"] + [str(f.relative_to(root)) for f in ep_files]
-        need = ["episode_index", "length", "dataset_from_index", "dataset_to_index", "data/chunk_index", "data/file_index"]
+        need = ["episode_index", "tasks", "length", "dataset_from_index", "dataset_to_index", "data/chunk_index",
+                "data/file_index"]
         missing = [c for c in need if eps and c not in eps[0]]
         if missing:
             raise _bad(ep_files[0], f"episode metadata lacks columns {missing}", "the dataset is not LeRobot v3.0; regenerate it")

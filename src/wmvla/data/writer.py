@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from wmvla.data.keys import INDEX_FEATURES
 from wmvla.data.video import DEFAULT_CODEC, VideoFileWriter, video_info
 from wmvla.utils import WmvlaError, atomic_write_json
 
