@@ -23,12 +23,14 @@ then runs the trials in sequence, so its fixture placements depend on the trial 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import io
 import os
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,7 @@ def libero_config_dir() -> Path:
     return cache / "wmvla" / "libero"
 
 
-def _write_libero_config(assets: Path) -> Path:
+def _write_libero_config(assets: Path | None) -> Path:
     """Write config.yaml for the installed hf-libero (bddl files and init states of its package)."""
     libero_pkg = _installed_package_dir("libero")
     if libero_pkg is None or not (libero_pkg / "libero" / "bddl_files").is_dir():
@@ -138,7 +140,7 @@ def _write_libero_config(assets: Path) -> Path:
             "bddl_files": root / "bddl_files",
             "init_states": root / "init_files",
             "datasets": root.parent / "datasets",
-            "assets": assets,
+            "assets": assets if assets is not None else root / "assets",
         }.items()
     )
     folder = libero_config_dir()
@@ -181,6 +183,22 @@ def prepare_libero(assets_path: str | os.PathLike | None = None) -> Path:
     libero_root._assets_path_cache = str(assets)
     _prepared_assets = assets
     return assets
+
+
+def _prepare_config_on_import() -> None:
+    """Point LIBERO_CONFIG_PATH at a written config as soon as this module is imported, so that even a
+    plain `import libero.libero` after it cannot reach LIBERO's first-run prompt."""
+    try:
+        assets = find_libero_assets()
+    except WmvlaError:
+        assets = None  # reported when an env is made; the config only needs the bddl/init paths
+    try:
+        os.environ["LIBERO_CONFIG_PATH"] = str(_write_libero_config(assets))
+    except (WmvlaError, OSError):
+        pass  # LIBERO not installed: every entry point raises a clear error when used
+
+
+_prepare_config_on_import()
 
 
 def _benchmark(suite: str):
@@ -228,6 +246,17 @@ def episode_seed(seed: int, init_index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the adapter
+
+
+# Envs still open at interpreter exit are closed while the GL library is intact (robosuite's destructors
+# otherwise print EGL errors at shutdown).
+_live_envs: "weakref.WeakSet[LiberoEnv]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_envs() -> None:
+    for env in list(_live_envs):
+        env.close()
 
 
 class _SkippableCamera:
@@ -317,6 +346,7 @@ class LiberoEnv:
                 ) from e
             raise
         self._wrap_cameras()
+        _live_envs.add(self)
         self._steps = 0
         self._done = True  # step() before reset() is an error
         self.init_index: int | None = None
@@ -327,6 +357,8 @@ class LiberoEnv:
             i = int(task)
             if 0 <= i < len(names):
                 return i
+            valid = "\n".join(f"  {i}: {n}" for i, n in enumerate(names))
+            raise WmvlaError(f"LIBERO task index {i} out of range 0..{len(names) - 1}; valid tasks:\n{valid}")
         elif task in names:
             return names.index(task)
         valid = "\n".join(f"  {i}: {n}" for i, n in enumerate(names))
@@ -345,6 +377,16 @@ class LiberoEnv:
     def _set_rendering(self, on: bool) -> None:
         for s in self._camera_sensors:
             s.enabled = on
+        if on:
+            self._make_gl_current()
+
+    def _make_gl_current(self) -> None:
+        """robosuite binds its GL context once, at creation, and renders into whatever context is current:
+        with two envs alive in one process, the older one would render through the newer one's context
+        (wrong pixels). Re-binding ours before rendering costs microseconds."""
+        ctx = getattr(self._env.sim, "_render_context_offscreen", None)
+        if ctx is not None:
+            ctx.gl_ctx.make_current()
 
     # -------------------------------------------------------------------------------- RolloutEnv API
 
@@ -368,13 +410,13 @@ class LiberoEnv:
             # reset rebuilds the gripper with zeros). Without this, trial k would depend on the previous one.
             for robot in env.env.robots:
                 robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        # set_init_state returns observations of the new state (a forced sample of every sensor); they are
+        # the episode's first observation only without settle steps.
+        self._set_rendering(self.settle_steps == 0)
         raw = env.set_init_state(self.init_states[init_index])
         for i in range(self.settle_steps):
             self._set_rendering(i == self.settle_steps - 1)  # only the last settle step's image is used
             raw, _, _, _ = env.step(SETTLE_ACTION)
-        if self.settle_steps == 0:
-            self._set_rendering(True)
-            raw = env.env._get_observations(force_update=True)
         self._set_rendering(True)
         self.init_index = init_index
         self._steps = 0
@@ -453,12 +495,12 @@ class LiberoEnv:
 
 def _missing_file(exc: BaseException) -> str | None:
     """The path named by a MuJoCo/robosuite 'file not found' error, if that is what `exc` is."""
-    text = str(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return str(exc.filename)
+    text = str(exc)  # MuJoCo's XML compiler reports missing meshes/textures in its message
     for marker in ("No such file or directory", "could not open file", "resource not found", "Error opening file"):
         if marker.lower() in text.lower():
             return text.strip().splitlines()[-1][:500]
-    if isinstance(exc, FileNotFoundError):
-        return str(exc.filename)
     return None
 
 
