@@ -34,7 +34,7 @@ class GatedMemoryAttention(nn.Module):
         self.norm_q = nn.LayerNorm(width)
         self.norm_kv = nn.LayerNorm(width)
         self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width, bias=False)  # a key bias cannot change a softmax over keys
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
         self.gate = nn.Parameter(torch.zeros(1 if gate == "scalar" else width))
