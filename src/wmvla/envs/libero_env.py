@@ -471,6 +471,19 @@ class LiberoEnv:
         ).astype(np.float32)
         return {"images": images, "state": state}
 
+    def render(self) -> dict[str, np.ndarray]:
+        """All cameras at the current sim state, in the observation's conventions (for videos, benchmarks).
+
+        Note: an observation returned by step() is robosuite's camera sample taken inside that step (one
+        or two 2 ms physics substeps before its end), so it can differ slightly from a render() after it."""
+        self._make_gl_current()
+        sim = self._env.sim
+        return {
+            key: np.ascontiguousarray(
+                sim.render(camera_name=cam, width=self.image_size, height=self.image_size)[::-1, ::-1])
+            for key, cam in zip(self.camera_keys, self._cameras)
+        }
+
     @property
     def raw_env(self):
         """LIBERO's OffScreenRenderEnv (for tests and debugging)."""
