@@ -202,3 +202,35 @@ def test_env_error_is_recorded_and_run_continues(tmp_path):
                            tmp_path, EngineConfig(workers=0, progress=False))
     assert "init_index must be in 0..49" in records[0]["error"] and not records[0]["success"]
     assert records[1]["error"] is None and records[1]["steps"] == 2
+
+
+class WorkerKiller:
+    """No-op chunks; on chosen act() calls it SIGKILLs env worker 0 (a crashed simulator process)."""
+
+    def __init__(self, kill_on_calls):
+        self.calls, self.kill_on_calls = 0, set(kill_on_calls)
+
+    def reset(self, slot, task, instruction):
+        pass
+
+    def act(self, slots, observations, instructions):
+        import multiprocessing as mp
+        import signal
+
+        self.calls += 1
+        if self.calls in self.kill_on_calls:
+            for p in mp.active_children():
+                if p.name == "wmvla-env-0":
+                    os.kill(p.pid, signal.SIGKILL)
+        return [np.zeros((2, 4), np.float32) for _ in slots]
+
+
+def test_dead_worker_is_replaced_and_its_episode_retried(tmp_path):
+    cfg = EnvConfig(suite="core5", max_steps=6, image_size=64)
+    episodes = [EpisodeSpec("reach-v3", k) for k in range(3)]
+    records = run_rollouts(cfg, WorkerKiller({2}), episodes, tmp_path, EngineConfig(workers=1, progress=False))
+    assert all(r["error"] is None and r["steps"] == 6 for r in records)
+    # a worker that keeps dying aborts the run with a clear message (not a failure per episode)
+    with pytest.raises(WmvlaError, match="worker 0 died 2 times in a row"):
+        run_rollouts(cfg, WorkerKiller(range(1, 100)), [EpisodeSpec("reach-v3", k) for k in range(3, 5)], tmp_path,
+                     EngineConfig(workers=1, progress=False, max_worker_restarts=1))

@@ -78,7 +78,8 @@ class EngineConfig:
     worker_timeout_s: float = 600.0
     """a worker silent for this long is killed (its episode is retried once, then recorded as failed)."""
     max_worker_restarts: int = 3
-    """abort when workers die this many times in a row (a broken setup, not a flaky episode)."""
+    """abort when a slot's worker dies more often than this without completing an episode in between
+    (a broken setup, not a flaky episode)."""
 
 
 def episode_key(env: str, suite: str, task: str, init_index: int, seed: int, condition: str) -> tuple:
@@ -208,11 +209,19 @@ class _ProcessWorker:
                                 name=f"wmvla-env-{index}", daemon=True)
         self.proc.start()
         child.close()
+        self._send_failed: str | None = None
 
     def send(self, msg: tuple) -> None:
-        self.conn.send(msg)
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, ConnectionError, OSError) as e:
+            # the process is gone; report it as a dead worker at the next recv
+            self._send_failed = f"worker {self.index} died (sending failed: {type(e).__name__})"
 
     def recv(self, timeout: float) -> dict:
+        if self._send_failed is not None:
+            self.kill()
+            return {"error": self._send_failed, "dead": True}
         try:
             if not self.conn.poll(timeout):
                 self.kill()
@@ -272,6 +281,7 @@ class _Slot:
     t0: float = 0.0
     awaiting: bool = False
     video: str | None = None
+    deaths: int = 0  # worker deaths since this slot last completed an episode
 
 
 def validate_chunk(chunk: Any, dim: int) -> tuple[np.ndarray | None, str | None]:
@@ -383,6 +393,8 @@ def run_rollouts(
             }
             append_jsonl(log_path, rec)
             results[key(spec)] = rec
+            if error is None:
+                slot.deaths = 0
             n_success += int(bool(success))
             progress.advance(bool(success))
             slot.spec, slot.obs, slot.awaiting = None, None, False
@@ -400,13 +412,13 @@ def run_rollouts(
             slot.awaiting = True
 
         def handle_reply(slot: _Slot, reply: dict) -> None:
-            nonlocal deaths_in_a_row
             if reply.get("dead"):
                 # Infrastructure, not the policy: replace the process and retry the episode once.
-                deaths_in_a_row += 1
-                if deaths_in_a_row > engine.max_worker_restarts:
+                slot.deaths += 1
+                if slot.deaths > engine.max_worker_restarts:
                     raise WmvlaError(
-                        f"environment workers died {deaths_in_a_row} times in a row; last: {reply['error']}. "
+                        f"environment worker {slot.index} died {slot.deaths} times in a row without completing an "
+                        f"episode; last: {reply['error']}. "
                         "Run with --workers 0 to see the error in this process (a script that starts "
                         "workers needs an `if __name__ == '__main__':` guard).")
                 slot.worker.close()
@@ -422,7 +434,6 @@ def run_rollouts(
                 finish(slot, False, reply["error"])
                 start_next(slot)
                 return
-            deaths_in_a_row = 0
             slot.obs = reply["obs"]
             slot.awaiting = False
             if "instruction" in reply:  # a new episode started
@@ -436,7 +447,6 @@ def run_rollouts(
                 finish(slot, reply["success"], None)
                 start_next(slot)
 
-        deaths_in_a_row = 0
         retried: set[tuple] = set()
         for slot in slots:
             start_next(slot)
