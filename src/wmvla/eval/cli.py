@@ -35,7 +35,6 @@ from wmvla.utils import WmvlaError, atomic_write_json, to_jsonable
 
 SUMMARY_FILE = "summary.json"
 NUM_INIT_STATES = {"metaworld": METAWORLD_CONFIGS_PER_SEED, "libero": 50}
-ROLLOUT_MEMORY_MODES = ("pred", "zero", "random", "shuffle", "oracle")
 
 
 @dataclass
@@ -58,8 +57,9 @@ class EvalConfig:
     """built-in policy (expert: MetaWorld only)."""
     checkpoint: Path | None = None
     """checkpoint folder of a trained policy (wmvla train)."""
-    rollout_memory: Literal["pred", "zero", "random", "shuffle", "oracle"] = "pred"
-    """world memory given to a checkpoint policy at rollout (ablations: zero/random/shuffle/oracle)."""
+    rollout_memory: Literal["pred", "zero", "random", "shuffle", "none"] | None = None
+    """world memory given to a checkpoint policy at rollout; None = the checkpoint's own (E1 zero, E2/E3 pred);
+    ablations: zero/random/shuffle. (oracle is impossible in closed loop: the future is unknown.)"""
     device: str = "auto"
     """device of the checkpoint policy (auto = cuda if available)."""
     condition: str | None = None
@@ -154,13 +154,14 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = load_checkpoint_policy(ckpt, cfg.rollout_memory, device)
-    desc = {"kind": "checkpoint", "checkpoint": str(ckpt.resolve()), "rollout_memory": cfg.rollout_memory,
+    policy = load_checkpoint_policy(ckpt, cfg.rollout_memory, device, seed=cfg.policy_seed)
+    mode = getattr(policy, "rollout_memory", cfg.rollout_memory)  # resolved by the loader
+    desc = {"kind": "checkpoint", "checkpoint": str(ckpt.resolve()), "rollout_memory": mode,
             "device": device, "seed": cfg.policy_seed}
     describe = getattr(policy, "describe", None)
     if callable(describe):
         desc["details"] = to_jsonable(describe())
-    return policy, desc, f"ckpt-{cfg.rollout_memory}"
+    return policy, desc, f"ckpt-{mode}"
 
 
 def run_eval(cfg: EvalConfig) -> int:
