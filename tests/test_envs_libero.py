@@ -204,6 +204,10 @@ def spatial_env():
 
 def test_protocol_and_conventions_libero_spatial(spatial_env):
     _protocol(spatial_env, "libero_spatial")
+    # upright as in the dataset: the grey wall behind the robot on top, the wooden table at the bottom
+    img = spatial_env.reset(0)["images"][IMAGE_KEY].astype(float)
+    top, bottom = img[:32].reshape(-1, 3).mean(0), img[-64:].reshape(-1, 3).mean(0)
+    assert bottom[0] - bottom[2] > 20 > abs(top[0] - top[2])
 
 
 @pytest.mark.parametrize("suite", ["libero_object", "libero_goal", "libero_10",
