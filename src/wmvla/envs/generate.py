@@ -198,10 +198,10 @@ def run_generate(cfg: GenerateConfig) -> int:
             f"Use another --seed (default {METAWORLD_TRAIN_SEED}) or --eval-seed.")
 
     from wmvla.data.writer import LeRobotV3Writer
-    from wmvla.envs.metaworld_env import MetaWorldEnv
+    from wmvla.envs.metaworld_env import METAWORLD_FPS
 
     features = dataset_features(env_cfg)
-    writer = LeRobotV3Writer(cfg.out, fps=80, features=features, robot_type="sawyer",
+    writer = LeRobotV3Writer(cfg.out, fps=METAWORLD_FPS, features=features, robot_type="sawyer",
                              image_storage=cfg.image_storage, overwrite=cfg.overwrite)
     pool = None
     if cfg.workers > 0:
@@ -246,7 +246,8 @@ def run_generate(cfg: GenerateConfig) -> int:
                 per_task[task] = {"episodes": kept, "attempts": attempt, "mean_length": float(np.mean(steps)) if steps else None}
         if fps is None:
             raise WmvlaError("the expert succeeded in no episode; nothing to write")
-        assert fps == 80, fps  # the writer was opened with MetaWorld's control rate
+        if fps != METAWORLD_FPS:  # the writer's timestamps assume MetaWorld's control rate
+            raise WmvlaError(f"MetaWorld runs at {fps} Hz, expected {METAWORLD_FPS}; this metaworld version differs")
         root = writer.finalize()
     except BaseException:
         writer.abort()
@@ -258,7 +259,6 @@ def run_generate(cfg: GenerateConfig) -> int:
         if cfg.workers == 0 and _WORKER_ENV.get("env") is not None:
             _WORKER_ENV.pop("env").close()
             _WORKER_ENV.pop("key", None)
-    del MetaWorldEnv
 
     short = {t: v for t, v in per_task.items() if v["episodes"] < cfg.episodes}
     record = {

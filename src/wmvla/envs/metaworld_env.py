@@ -86,6 +86,7 @@ METAWORLD_INSTRUCTIONS: dict[str, str] = {
     "window-open-v3": "slide the window open",
     "window-close-v3": "slide the window closed",
 }
+METAWORLD_FPS = 80  # one env step = frame_skip 5 x timestep 2.5 ms = 12.5 ms of sim time
 TASKS = tuple(METAWORLD_INSTRUCTIONS)  # MetaWorld's own order (metaworld.env_dict.ALL_V3_ENVIRONMENTS)
 
 METAWORLD_SUITES: dict[str, tuple[str, ...]] = {
