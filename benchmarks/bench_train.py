@@ -12,7 +12,8 @@ Measured in the same process, one after the other, for `full` fine-tuning and `f
   hf_autocast  the same with fp32 weights + bf16 autocast (the precision policy our trainer enforces:
                trainable weights and optimizer state fp32)
   ours         wmvla's VLAPolicy.forward(batch) -> loss (memory "pred" with the Prophet and the
-               gated cross-attention, MSE head), fp32 trainable weights + bf16 autocast, fused AdamW
+               gated cross-attention, MSE head), fp32 trainable weights + bf16 autocast, fused AdamW;
+               the same random weights, saved to a temporary folder and loaded as `policy.backbone`
 Prints one JSON object: samples/s and ms/step of each, and ours / hf ratios.
 
     python benchmarks/bench_train.py                 # on the GPU machine (2B shapes)
@@ -27,6 +28,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -53,7 +55,7 @@ def qwen3_vl_config(tiny: bool):
                                      "mrope_section": [24, 20, 20], "mrope_interleaved": True})
         vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                       deepstack_visual_indexes=[5, 11, 17])
-    text.update(vocab_size=151936, tie_word_embeddings=True, use_cache=False, rms_norm_eps=1e-6, hidden_act="silu")
+    text.update(vocab_size=2048 if tiny else 151936, tie_word_embeddings=True, use_cache=False, rms_norm_eps=1e-6, hidden_act="silu")
     vision.update(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                   hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304)
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
@@ -73,7 +75,8 @@ def hf_inputs(cfg, batch: int, image_px: int, n_images: int, prompt_tokens: int,
     g = torch.Generator().manual_seed(0)
     ids = []
     for _ in range(batch):
-        seq = torch.randint(1000, 100000, (prompt_tokens,), generator=g).tolist()
+        # ordinary text ids above the offline tokenizer's few hundred (special tokens, ACT rows)
+        seq = torch.randint(1000, cfg.text_config.vocab_size - 1, (prompt_tokens,), generator=g).tolist()
         for _ in range(n_images):
             seq += [cfg.vision_start_token_id] + [cfg.image_token_id] * merged + [cfg.vision_end_token_id]
         seq += [act_token_id] * n_act
@@ -143,17 +146,82 @@ def bench_hf(cfg, inputs: dict, act_token_id: int, action_dim: int, chunk: int, 
     return sec
 
 
-def bench_ours(cfg, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
-               tiny: bool) -> float:
-    """One VLAPolicy training step (forward(batch) -> loss, backward, fused AdamW) on the same shapes."""
-    from wmvla.train.bench_support import build_bench_policy_step
+def save_random_backbone(cfg, folder) -> None:
+    """Write a random-init Qwen3-VL (bf16) + the offline tokenizer to `folder`, so VLAPolicy can load it like a
+    hub checkpoint. The tokenizer's special-token ids are written into the config (the vocabulary size stays
+    151936, so the embedding matrix has the real size)."""
+    from transformers import Qwen3VLForConditionalGeneration
 
-    step = build_bench_policy_step(cfg, batch=batch, image_px=image_px, n_act=n_act, finetune=finetune,
-                                   device=device, tiny=tiny)
+    from wmvla.policy.backbone import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(folder)
+
+
+def with_tokenizer_ids(cfg):
+    """Qwen3VLConfig whose image/video/vision-start/end ids are those of the offline tokenizer."""
+    from wmvla.policy.backbone import IMAGE_PAD, VIDEO_PAD, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    cfg.image_token_id = tok.convert_tokens_to_ids(IMAGE_PAD)
+    cfg.video_token_id = tok.convert_tokens_to_ids(VIDEO_PAD)
+    cfg.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+    cfg.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+    return cfg
+
+
+def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
+               world_dim: int) -> tuple[float, int]:
+    """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
+    backward, fused AdamW over the fp32 trainable weights. Returns (seconds per step, sequence length)."""
+    import numpy as np
+
+    from wmvla.data.normalize import feature_stats
+    from wmvla.policy.config import PolicyConfig
+    from wmvla.policy.modeling import VLAPolicy
+
+    rng = np.random.default_rng(0)
+    state_dim, action_dim, T, K = 8, 7, 4, 4
+    stats = {"observation.state": feature_stats(rng.normal(size=(1000, state_dim)), "observation.state"),
+             "action": feature_stats(np.clip(rng.normal(size=(1000, action_dim)), -1, 1), "action", mode="quantile",
+                                     passthrough_dims=(action_dim - 1,))}
+    pcfg = PolicyConfig(backbone=folder, image_size=image_px, chunk_size=n_act, state_dim=state_dim,
+                        action_dim=action_dim, memory="pred", world_dim=world_dim, world_history=T, world_horizon=K,
+                        head="mse", finetune=finetune, autocast_bf16=device.type == "cuda",
+                        frozen_dtype="bfloat16" if device.type == "cuda" else "float32",
+                        attn_implementation="sdpa")
+    policy = VLAPolicy(pcfg, stats).to(device).train()
+    # ~32 text tokens around the images, as in the plain HF inputs
+    task = "pick up the black bowl between the plate and the small cup and place it on the plate"
+    raw = {
+        "images": rng.integers(0, 256, size=(batch, 2, image_px, image_px, 3), dtype=np.uint8),
+        "state": rng.normal(size=(batch, state_dim)).astype(np.float32),
+        "task": [task] * batch,
+        "actions": np.clip(rng.normal(size=(batch, n_act, action_dim)), -1, 1).astype(np.float32),
+        "action_mask": np.ones((batch, n_act), dtype=bool),
+        "world_history": rng.normal(size=(batch, T, world_dim)).astype(np.float32),
+        "world_future": rng.normal(size=(batch, K, world_dim)).astype(np.float32),
+        "future_mask": np.ones((batch, K), dtype=bool),
+    }
+    inputs = policy.prepare(raw)  # processed once, on the device: the step measures the model, not the loader
+    params = [p for _, p in policy.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+    def step():
+        out = policy(inputs)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     sec = _timeit(step, warmup, iters, device)
+    seq = int(inputs["input_ids"].shape[1])
+    del policy, opt, inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return sec
+    return sec, seq
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -178,15 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = qwen3_vl_config(tiny)
+    cfg = with_tokenizer_ids(qwen3_vl_config(tiny))
     n_act, prompt_tokens, n_images, chunk, action_dim = 8, 32, 2, 8, 7
-    act_token_id = 151600  # an ordinary id standing in for <ACT>: same cost as a new token row
+    act_token_id = cfg.text_config.vocab_size - 1  # an ordinary id standing in for <ACT>: same cost as a new row
     inputs = hf_inputs(cfg, batch, image_px, n_images, prompt_tokens, n_act, act_token_id, device)
+    tmp = tempfile.TemporaryDirectory(prefix="wmvla_bench_")
+    if "ours" not in args.skip:
+        t0 = time.perf_counter()
+        save_random_backbone(cfg, tmp.name)
+        print(f"random backbone written to {tmp.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     result: dict = {
         "shapes": "tiny" if tiny else "Qwen3-VL-2B",
         "batch": batch, "image_px": image_px, "images_per_sample": n_images, "act_tokens": n_act,
-        "prompt_tokens": prompt_tokens, "seq_len": int(inputs["input_ids"].shape[1]),
+        "prompt_tokens": prompt_tokens, "seq_len_hf": int(inputs["input_ids"].shape[1]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "warmup": warmup, "iters": iters, "results": {},
@@ -198,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             try:
                 if name == "ours":
-                    sec = bench_ours(cfg, batch, image_px, n_act, finetune, device, warmup, iters, tiny)
+                    sec, seq = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters,
+                                          world_dim=64 if tiny else 1024)
+                    result["seq_len_ours"] = seq
                 else:
                     weights = "bf16" if name == "hf_bf16" else "fp32_autocast"
                     sec = bench_hf(cfg, inputs, act_token_id, action_dim, chunk, finetune, weights, device,
@@ -214,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
             if ours and other:
                 row[f"ours_over_{base}"] = round(ours / other, 3)
         result["results"][finetune] = row
+    tmp.cleanup()
     print(json.dumps(result, indent=2))
     return result
 

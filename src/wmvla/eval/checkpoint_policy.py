@@ -152,18 +152,24 @@ def load_checkpoint_policy(checkpoint_dir: str | Path, rollout_memory: str | Non
     """Rebuild a checkpoint's policy (and its world encoder) as a BatchPolicy.
 
     rollout_memory: pred | zero | random | shuffle | none; None = the checkpoint's own rollout memory
-    (E0 none, E1 zero, E2 pred, E3 pred). oracle is refused (the future is unknown online).
+    (E0 none, E1 zero, E2 pred, E3 pred). oracle is refused (the future is unknown online). For an E0
+    checkpoint (no memory module) any mode is replaced by none, with a note.
     """
     from wmvla.train.checkpoint import _resolve_device, load_policy, read_world_record
 
     policy, cfg = load_policy(checkpoint_dir, device=device, use_ema=use_ema)
+    has_memory = cfg.policy.memory != "none"
     mode = rollout_memory or cfg.policy.rollout_memory or cfg.policy.memory
+    if not has_memory and mode != "none":
+        # `wmvla eval` passes its default (pred) for every checkpoint; an E0 policy has no memory module
+        print(f"eval: {cfg.experiment} checkpoint has no memory module; rollout memory {mode!r} does not apply "
+              "(using none)", flush=True)
+        mode = "none"
     if mode == "oracle":
         raise WmvlaError("rollout memory 'oracle' is impossible in closed loop: the true future latents do not exist "
                          "while the episode runs. Use pred (E3's own condition), zero, random or shuffle.")
     if mode not in ROLLOUT_MEMORY_MODES:
         raise WmvlaError(f"rollout memory {mode!r}; expected one of {list(ROLLOUT_MEMORY_MODES)}")
-    has_memory = cfg.policy.memory != "none"
     if (mode == "none") == has_memory:
         raise WmvlaError(f"rollout memory {mode!r} does not fit this checkpoint (experiment {cfg.experiment}, trained "
                          f"with memory {cfg.policy.memory!r}): an E0 checkpoint has no memory module (use none); "

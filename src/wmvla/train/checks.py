@@ -95,10 +95,10 @@ def check_first_step(
     for n, p in model.named_parameters():
         if p.requires_grad:
             g = grads_seen.get(n, "none")
-            if g != "ok":
+            if g in ("none", "zero", "nonfinite"):
                 if not allowed(n):
                     no_grad.append(f"{n} ({g} gradient)")
-            elif not changed[n]:
+            elif g == "ok" and not changed[n]:
                 not_moved.append(n)
         elif changed[n]:
             frozen_moved.append(n)
@@ -116,22 +116,40 @@ def check_first_step(
     if problems:
         raise WmvlaError("first-step parameter check failed:\n  - " + "\n  - ".join(problems))
     n_train = sum(1 for _, p in model.named_parameters() if p.requires_grad)
-    return {"trainable_tensors": n_train, "frozen_tensors": len(changed) - n_train}
+    n_small = sum(1 for n, p in model.named_parameters() if p.requires_grad and grads_seen.get(n) == "small")
+    return {"trainable_tensors": n_train, "frozen_tensors": len(changed) - n_train, "small_gradient_tensors": n_small}
+
+
+# Gradient status of a parameter, best first. "ok": large enough that one Adam step (update ~ lr *
+# g / (|g| + eps), eps 1e-8) certainly changes the weight; "small": non-zero but below that (e.g. the
+# memory's query/key weights while every memory slot is nearly the same, or a softmax-invariant key bias at
+# ~1e-12): connected to the loss, but not required to move yet; "zero": exactly zero; "none": no gradient.
+ADAM_SIGNIFICANT_GRAD = 1e-8
+GRAD_RANK = {"ok": 3, "small": 2, "zero": 1, "nonfinite": 0, "none": 0}
+
+
+def merge_grad_status(seen: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """Best status per parameter over several steps."""
+    out = dict(seen)
+    for n, s in new.items():
+        if GRAD_RANK[s] > GRAD_RANK.get(out.get(n, "none"), 0) or n not in out:
+            out[n] = s
+    return out
 
 
 @torch.no_grad()
 def grad_status(model: torch.nn.Module) -> dict[str, str]:
-    """name -> "none" | "zero" | "ok" for each trainable parameter (call after backward, before step)."""
+    """name -> "none" | "zero" | "small" | "ok" | "nonfinite" per trainable parameter (after backward)."""
     out = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             out[n] = "none"
-        elif not torch.isfinite(p.grad).all():
+            continue
+        if not torch.isfinite(p.grad).all():
             out[n] = "nonfinite"
-        elif p.grad.abs().max().item() == 0:
-            out[n] = "zero"
-        else:
-            out[n] = "ok"
+            continue
+        m = p.grad.abs().max().item()
+        out[n] = "zero" if m == 0 else "small" if m < ADAM_SIGNIFICANT_GRAD else "ok"
     return out
