@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from wmvla.utils import WmvlaError
+from wmvla.utils import WmvlaError, to_jsonable
 
 ROLLOUT_MEMORY_MODES = ("pred", "zero", "random", "shuffle", "none")
 NEEDS_LATENTS = ("pred", "random", "shuffle")
@@ -68,6 +68,13 @@ class CheckpointPolicy:
     @property
     def chunk_size(self) -> int:
         return self.policy.cfg.chunk_size
+
+    def describe(self) -> dict:
+        """What `wmvla eval` records as summary.json["config"]["policy"]["details"] (read by the report)."""
+        c = self.cfg
+        return {"experiment": c.experiment, "head": c.policy.head, "seed": c.seed, "rollout_memory": self.rollout_memory,
+                "training_memory": c.policy.memory, "backbone": c.policy.backbone, "world": to_jsonable(c.world),
+                "chunk_size": c.policy.chunk_size}
 
     def reset(self, slot: int, task: str, instruction: str) -> None:
         self.instructions[slot] = instruction
