@@ -296,6 +296,32 @@ def test_bad_input_and_episode_end(spatial_env):
         env.max_steps = saved
 
 
+def test_success_is_libero_goal_check(spatial_env):
+    """Moving the bowl onto the plate (this task's goal: on akita_black_bowl_1 plate_1) ends the episode with
+    success at the next step; before that, steps are not successes."""
+    env = spatial_env
+    env.settle_steps = 10
+    env.reset(0)
+    raw = env.raw_env.env
+    assert raw.parsed_problem["goal_state"] == [["on", "akita_black_bowl_1", "plate_1"]]
+    first = env.step(SETTLE_ACTION)
+    assert not first.success and not first.done and not raw._check_success()
+    sim = raw.sim
+    joint = raw.objects_dict["akita_black_bowl_1"].joints[-1]
+    plate = sim.data.body_xpos[sim.model.body_name2id(raw.objects_dict["plate_1"].root_body)].copy()
+    q = sim.data.get_joint_qpos(joint).copy()
+    q[:3] = plate + np.array([0.0, 0.0, 0.03])
+    sim.data.set_joint_qpos(joint, q)
+    sim.data.set_joint_qvel(joint, np.zeros(6))
+    sim.forward()
+    for _ in range(10):
+        res = env.step(SETTLE_ACTION)
+        if res.done:
+            break
+    assert res.success and res.done and res.info["timeout"] is False and raw._check_success()
+    assert env.steps < 10
+
+
 def test_seed_places_fixtures_reproducibly(spatial_env):
     """Init states fix the joints but not the fixtures (placed from np.random at reset): the seed does."""
     env = spatial_env

@@ -248,15 +248,24 @@ def episode_seed(seed: int, init_index: int) -> int:
 # ------------------------------------------------------------------------------------------ the adapter
 
 
-# Envs still open at interpreter exit are closed while the GL library is intact (robosuite's destructors
-# otherwise print EGL errors at shutdown).
+# Envs still open at interpreter exit are closed while EGL is still initialised (robosuite's destructors
+# otherwise print EGL errors at shutdown). robosuite registers eglTerminate with atexit when it creates its
+# first context; atexit runs last-registered first, so ours is registered after the first env exists.
 _live_envs: "weakref.WeakSet[LiberoEnv]" = weakref.WeakSet()
+_atexit_registered = False
 
 
-@atexit.register
 def _close_live_envs() -> None:
     for env in list(_live_envs):
         env.close()
+
+
+def _track(env: "LiberoEnv") -> None:
+    global _atexit_registered
+    _live_envs.add(env)
+    if not _atexit_registered:
+        atexit.register(_close_live_envs)
+        _atexit_registered = True
 
 
 class _SkippableCamera:
@@ -346,7 +355,7 @@ class LiberoEnv:
                 ) from e
             raise
         self._wrap_cameras()
-        _live_envs.add(self)
+        _track(self)
         self._steps = 0
         self._done = True  # step() before reset() is an error
         self.init_index: int | None = None
