@@ -64,6 +64,7 @@ for name in ("numpy", "mujoco", "torch"):
 EOF
   echo "[libero] pip install ${RUNTIME_DEPS[*]} (held: $(tr '\n' ' ' <"$constraints"))"
   "$PY" -m pip install -q -c "$constraints" "${RUNTIME_DEPS[@]}"
+  echo "[libero] (pip's 'hf-libero requires robomimic/wandb/...' messages are expected: those are not installed on purpose)"
   if ! have mujoco; then "$PY" -m pip install -q "mujoco>=3.0,<3.9"; fi
 fi
 
