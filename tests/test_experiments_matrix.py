@@ -39,7 +39,7 @@ def mw_data(tmp_path_factory):
 def _matrix_cfg(mw_data, out: Path, **kw):
     from wmvla.experiments.matrix import MatrixConfig
 
-    base = dict(preset="tiny", out=out, dataset=mw_data["dataset"], latents=mw_data["latents"], keys=KEYS,
+    base = dict(preset="tiny", out=out, dataset=mw_data["dataset"], latents=mw_data["latents"], no_wrist_camera=True,
                 experiments=("E0", "E1", "E2", "E3"), heads=("mse",), seeds=(0,), steps=3, episodes=2, workers=0,
                 max_steps=20, progress=False, device="cpu")
     base.update(kw)

@@ -34,11 +34,11 @@ class DemoConfig:
 
     out: Path | None = None
     """output folder; None = a fresh ./wmvla-demo-<date>-<time>. An existing demo folder is resumed."""
-    tasks: str = "reach,button-press-topdown,drawer-close"
+    tasks: str = "button-press-topdown,drawer-close,window-open"
     """MetaWorld tasks (easy ones: the expert succeeds on all 50 configurations)"""
     train_episodes: int = 20
     """expert demonstrations per task"""
-    eval_episodes: int = 10
+    eval_episodes: int = 15
     """closed-loop episodes per task and condition"""
     steps: int = 300
     """training steps per experiment (batch 32)"""
@@ -63,7 +63,6 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def run_demo_steps(cfg: DemoConfig) -> dict:
-    from wmvla.data.keys import DatasetKeys
     from wmvla.envs.generate import GenerateConfig, load_generation_record, run_generate
     from wmvla.experiments.matrix import MatrixConfig, run_matrix_cells
     from wmvla.world.cache import LatentsConfig, LatentCache, cache_filename, run_latents
@@ -103,7 +102,6 @@ def run_demo_steps(cfg: DemoConfig) -> dict:
 
     preset = get_preset("demo")
     spec: WorldEncoderSpec = preset.world
-    keys = DatasetKeys(image_key="observation.images.image", wrist_image_key=None)
     latents = out / "cache" / cache_filename(spec)
     try:
         LatentCache.open(latents, expect=spec, check_finite=False)
@@ -112,7 +110,7 @@ def run_demo_steps(cfg: DemoConfig) -> dict:
         print("demo: [2/5] world latents (tiny encoder)", flush=True)
         phase("latents", lambda: run_latents(LatentsConfig(
             dataset=str(data), encoder=spec.encoder, window=spec.window, image_size=spec.image_size,
-            camera_key=spec.camera_key, out=out / "cache", num_workers=0, device="cpu", keys=keys)))
+            camera_key=spec.camera_key, out=out / "cache", num_workers=0, device="cpu")))
 
     # 3-5. train, evaluate, report
     print("demo: [3-5/5] training, closed-loop evaluation and the report", flush=True)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from wmvla.data.keys import DatasetKeys
 from wmvla.train.config import EXPERIMENT_ROLLOUT_MEMORY, EXPERIMENTS, TrainConfig, get_preset
 from wmvla.utils import WmvlaError, to_jsonable
 
@@ -55,8 +54,8 @@ class MatrixConfig:
     lr: float | None = None
     num_workers: int | None = None
     device: str | None = None
-    keys: DatasetKeys | None = None
-    """dataset keys (None = the preset's)"""
+    no_wrist_camera: bool = False
+    """train without the preset's wrist camera (for datasets that have none)"""
 
     # ---- evaluation
     env: Literal["metaworld", "libero"] | None = None
@@ -118,8 +117,8 @@ def base_train_config(cfg: MatrixConfig) -> TrainConfig:
         changes["num_workers"] = cfg.num_workers
     if cfg.device is not None:
         changes["device"] = cfg.device
-    if cfg.keys is not None:
-        changes["keys"] = cfg.keys
+    if cfg.no_wrist_camera:
+        changes["keys"] = dataclasses.replace(t.keys, wrist_image_key=None)
     optim = {k: v for k, v in (("steps", cfg.steps), ("batch_size", cfg.batch_size), ("lr", cfg.lr)) if v is not None}
     if optim:
         changes["optim"] = dataclasses.replace(t.optim, **optim)
