@@ -8,7 +8,8 @@ rollout engine), lets every process create its env and reset, waits at a barrier
 env steps with random actions (rendering every step, as in closed loop; episodes are reset when they
 end). Per process: steps/s and the time of one render() of all cameras. Aggregate: all steps of all
 processes / wall time from the barrier to the last process finishing. `--engine` also times the full
-rollout engine (run_rollouts with a no-op policy and chunked actions), which adds the message round trips.
+rollout engine (run_rollouts with a no-op policy and chunked actions), which adds the message round trips,
+in lockstep mode (batch_wait_s None) and in act-on-ready mode (batch_wait_s 0).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def bench_raw(env_cfg: EnvConfig, task: str, workers: int, steps: int) -> dict:
     }
 
 
-def bench_engine(env_cfg: EnvConfig, task: str, workers: int, replan_steps: int) -> dict:
+def bench_engine(env_cfg: EnvConfig, task: str, workers: int, replan_steps: int, batch_wait_s: float | None) -> dict:
     from wmvla.envs.registry import default_max_steps
     from wmvla.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
     from wmvla.eval.scripted import NoopPolicy
@@ -122,13 +123,14 @@ def bench_engine(env_cfg: EnvConfig, task: str, workers: int, replan_steps: int)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         recs = run_rollouts(env_cfg, policy, episodes, out,
-                            EngineConfig(workers=workers, replan_steps=replan_steps, progress=False))
+                            EngineConfig(workers=workers, replan_steps=replan_steps, progress=False,
+                                         batch_wait_s=batch_wait_s))
         wall = time.perf_counter() - t0
     steps = sum(r["steps"] for r in recs)
     # startup (spawning workers, importing, creating envs) ends at the first policy call
     running = wall - (policy.first_act - t0)
     return {"workers": workers, "episodes": len(recs), "steps": steps, "max_steps": default_max_steps(env_cfg, task),
-            "replan_steps": replan_steps, "startup_s": round(policy.first_act - t0, 1),
+            "replan_steps": replan_steps, "batch_wait_s": batch_wait_s, "startup_s": round(policy.first_act - t0, 1),
             "steps_per_s_after_startup": round(steps / running, 1)}
 
 
@@ -146,7 +148,8 @@ def main(cfg: BenchConfig) -> dict:
         out["metaworld_render"] = {k: getattr(cfg.metaworld, k) for k in
                                    ("camera", "shadow_map_size", "offscreen_samples", "shadows")}
     if cfg.engine:
-        out["engine"] = [bench_engine(env_cfg, task, w, cfg.replan_steps) for w in cfg.workers]
+        out["engine"] = [bench_engine(env_cfg, task, w, cfg.replan_steps, b) for w in cfg.workers
+                         for b in (None, 0.0)]
     return out
 
 

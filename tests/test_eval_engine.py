@@ -140,12 +140,13 @@ class BadPolicy:
         return out
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_bad_policy_outputs_fail_only_their_episode(tmp_path, workers):
-    cfg = EnvConfig(suite="core5", max_steps=6)
+@pytest.mark.parametrize("workers,batch_wait_s", [(0, None), (2, None), (2, 0.0)])
+def test_bad_policy_outputs_fail_only_their_episode(tmp_path, workers, batch_wait_s):
+    cfg = EnvConfig(suite="core5", max_steps=6, image_size=64)
     tasks = ["push-v3", "reach-v3", "pick-place-v3", "drawer-open-v3"]
     episodes = [EpisodeSpec(t, k) for t in tasks for k in range(2)]
-    records = run_rollouts(cfg, BadPolicy(), episodes, tmp_path, EngineConfig(workers=workers, progress=False))
+    records = run_rollouts(cfg, BadPolicy(), episodes, tmp_path,
+                           EngineConfig(workers=workers, progress=False, batch_wait_s=batch_wait_s))
     by_task = {t: [r for r in records if r["task"] == t] for t in tasks}
     for r in by_task["push-v3"]:
         assert not r["success"] and "shape [2, 3], expected [h >= 1, 4]" in r["error"] and r["steps"] == 0
@@ -225,12 +226,27 @@ class WorkerKiller:
         return [np.zeros((2, 4), np.float32) for _ in slots]
 
 
-def test_dead_worker_is_replaced_and_its_episode_retried(tmp_path):
+@pytest.mark.parametrize("batch_wait_s", [None, 0.0])
+def test_dead_worker_is_replaced_and_its_episode_retried(tmp_path, batch_wait_s):
     cfg = EnvConfig(suite="core5", max_steps=6, image_size=64)
     episodes = [EpisodeSpec("reach-v3", k) for k in range(3)]
-    records = run_rollouts(cfg, WorkerKiller({2}), episodes, tmp_path, EngineConfig(workers=1, progress=False))
+    records = run_rollouts(cfg, WorkerKiller({2}), episodes, tmp_path,
+                           EngineConfig(workers=1, progress=False, batch_wait_s=batch_wait_s))
     assert all(r["error"] is None and r["steps"] == 6 for r in records)
     # a worker that keeps dying aborts the run with a clear message (not a failure per episode)
     with pytest.raises(WmvlaError, match="worker 0 died 2 times in a row"):
         run_rollouts(cfg, WorkerKiller(range(1, 100)), [EpisodeSpec("reach-v3", k) for k in range(3, 5)], tmp_path,
-                     EngineConfig(workers=1, progress=False, max_worker_restarts=1))
+                     EngineConfig(workers=1, progress=False, max_worker_restarts=1, batch_wait_s=batch_wait_s))
+
+
+def test_async_batching_gives_the_same_episodes(tmp_path):
+    """batch_wait_s=0 (act on whatever is ready) changes batching, not results: the expert's episodes
+    are step-for-step the same as in lockstep mode."""
+    cfg = EnvConfig(suite="core5", image_size=64)
+    episodes = [EpisodeSpec(t, k) for t in ("reach-v3", "push-v3") for k in range(3)]
+    lock = run_rollouts(cfg, ExpertPolicy(cfg), episodes, tmp_path / "lock", EngineConfig(workers=2, progress=False))
+    policy = Recorder(ExpertPolicy(cfg), image_size=64)
+    free = run_rollouts(cfg, policy, episodes, tmp_path / "async",
+                        EngineConfig(workers=2, progress=False, batch_wait_s=0.0))
+    assert [(r["success"], r["steps"]) for r in free] == [(r["success"], r["steps"]) for r in lock]
+    assert all(r["success"] for r in free) and policy.resets == 6

@@ -79,6 +79,9 @@ class EvalConfig:
     render_backend: Literal["egl", "osmesa"] = "egl"
     videos: int = 0
     """save mp4s of episodes with init index < videos (per task)."""
+    batch_wait_s: float | None = None
+    """None = lockstep policy calls over all workers (default); a number = act on the ready slots after
+    waiting at most this long for more (faster with cheap policies and many workers)."""
     progress: bool = True
     metaworld: MetaWorldSettings = field(default_factory=MetaWorldSettings)
     libero: LiberoSettings = field(default_factory=LiberoSettings)
@@ -90,7 +93,7 @@ class EvalConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(workers=self.workers, replan_steps=self.replan_steps, videos=self.videos,
-                            progress=self.progress)
+                            progress=self.progress, batch_wait_s=self.batch_wait_s)
 
 
 def result_config(env_cfg: EnvConfig, tasks: list[str], init_indices: list[int], engine: EngineConfig,
@@ -118,7 +121,7 @@ def result_config(env_cfg: EnvConfig, tasks: list[str], init_indices: list[int],
         "condition": condition,
         "policy": policy,
         "env_config": env,
-        "engine": {"workers": engine.workers},
+        "engine": {"workers": engine.workers, "batch_wait_s": engine.batch_wait_s},
     }
 
 

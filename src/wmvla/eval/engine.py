@@ -26,6 +26,7 @@ chunk and calls `observe` for each of them, in order, before the next `act` of t
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import time
 import traceback
@@ -44,7 +45,7 @@ EPISODES_FILE = "episodes.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 # Settings that may change between a run and its resumption without changing any episode's result.
 RESUME_IGNORED_KEYS = ("tasks", "episodes", "episodes_per_task", "init_indices", "workers", "videos",
-                       "max_steps_per_task", "progress")
+                       "max_steps_per_task", "progress", "batch_wait_s")
 
 
 class BatchPolicy(Protocol):
@@ -75,6 +76,11 @@ class EngineConfig:
     video_fps: int = 30
     progress: bool = True
     """rich progress bar with the live success rate (stderr)."""
+    batch_wait_s: float | None = None
+    """None = lockstep: every policy call waits for all workers (largest batches; best when the policy
+    is expensive, e.g. a VLA on a GPU). A number = call the policy on the slots that are ready, after
+    waiting at most this long for more to arrive (0: never wait; best when envs dominate, e.g. scripted
+    policies or fast envs with many workers). Results do not depend on it."""
     worker_timeout_s: float = 600.0
     """a worker silent for this long is killed (its episode is retried once, then recorded as failed)."""
     max_worker_restarts: int = 3
@@ -211,6 +217,10 @@ class _ProcessWorker:
         child.close()
         self._send_failed: str | None = None
 
+    def ready_handle(self):
+        """What multiprocessing.connection.wait waits on (None: a reply is already known)."""
+        return None if self._send_failed is not None else self.conn
+
     def send(self, msg: tuple) -> None:
         try:
             self.conn.send(msg)
@@ -254,6 +264,9 @@ class _InlineWorker:
         self.runner = EnvRunner(env_cfg, send_intermediate, video_fps)
         self._reply: dict | None = None
 
+    def ready_handle(self):
+        return None  # replies are computed in send()
+
     def send(self, msg: tuple) -> None:
         self._reply = self.runner.handle(msg)
 
@@ -282,6 +295,7 @@ class _Slot:
     awaiting: bool = False
     video: str | None = None
     deaths: int = 0  # worker deaths since this slot last completed an episode
+    sent_at: float = 0.0  # when the outstanding command was sent
 
 
 def validate_chunk(chunk: Any, dim: int) -> tuple[np.ndarray | None, str | None]:
@@ -409,7 +423,7 @@ def run_rollouts(
             slot.instruction = ""
             slot.worker.send(("start", spec.task, spec.init_index,
                               str(out_dir / "videos" / slot.video) if slot.video else None))
-            slot.awaiting = True
+            slot.awaiting, slot.sent_at = True, time.perf_counter()
 
         def handle_reply(slot: _Slot, reply: dict) -> None:
             if reply.get("dead"):
@@ -450,12 +464,44 @@ def run_rollouts(
         retried: set[tuple] = set()
         for slot in slots:
             start_next(slot)
+        def collect(timeout: float) -> int:
+            """Handle the replies that arrive within `timeout`; kill workers silent for too long."""
+            awaiting = [s for s in slots if s.awaiting]
+            if not awaiting:
+                return 0
+            now = time.perf_counter()
+            stale = min(s.sent_at for s in awaiting) + engine.worker_timeout_s - now
+            handles = {s.index: s.worker.ready_handle() for s in awaiting}
+            if any(h is None for h in handles.values()):
+                got = [s for s in awaiting if handles[s.index] is None]
+            else:
+                arrived = set(map(id, mp_connection.wait(list(handles.values()), max(0.0, min(timeout, stale)))))
+                got = [s for s in awaiting if id(handles[s.index]) in arrived]
+            if not got:  # nothing arrived: workers past their deadline are killed (reported as dead)
+                now = time.perf_counter()
+                got = [s for s in awaiting if now - s.sent_at >= engine.worker_timeout_s]
+            for slot in sorted(got, key=lambda s: s.index):
+                handle_reply(slot, slot.worker.recv(0.0))  # arrived (or past its deadline: killed)
+            return len(got)
+
         while any(s.spec is not None for s in slots):
-            # collect every outstanding reply (new episodes started on the way are collected too)
-            while any(s.awaiting for s in slots):
-                for slot in slots:
-                    if slot.awaiting:
-                        handle_reply(slot, slot.worker.recv(engine.worker_timeout_s))
+            if engine.batch_wait_s is None:
+                # lockstep: every outstanding reply, handled in slot order, so that which slot runs which
+                # episode and the composition of every batch do not depend on timing (new episodes started
+                # on the way are collected too)
+                while any(s.awaiting for s in slots):
+                    for slot in slots:
+                        if slot.awaiting:
+                            wait = max(0.0, slot.sent_at + engine.worker_timeout_s - time.perf_counter())
+                            handle_reply(slot, slot.worker.recv(wait))
+            else:
+                # at least one slot ready to act, then whatever else arrives within batch_wait_s
+                while any(s.awaiting for s in slots) and not any(s.obs is not None for s in slots):
+                    collect(engine.worker_timeout_s)
+                deadline = time.perf_counter() + engine.batch_wait_s
+                while any(s.awaiting for s in slots):
+                    if collect(max(0.0, deadline - time.perf_counter())) == 0 and time.perf_counter() >= deadline:
+                        break
             ready = [s for s in slots if s.spec is not None and s.obs is not None]
             if not ready:
                 continue
@@ -473,7 +519,7 @@ def run_rollouts(
                     start_next(slot)
                     continue
                 slot.worker.send(("step", actions[: engine.replan_steps]))
-                slot.obs, slot.awaiting = None, True
+                slot.obs, slot.awaiting, slot.sent_at = None, True, time.perf_counter()
     finally:
         progress.close()
         for slot in slots:
