@@ -155,8 +155,11 @@ def save_random_backbone(cfg, folder) -> None:
     from wmvla.policy.backbone import build_tiny_tokenizer
 
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # random init of 2B parameters is ~10x faster on the GPU
+        model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder)
+    del model
     tok = build_tiny_tokenizer()
     tok.save_pretrained(folder)
 

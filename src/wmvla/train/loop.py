@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,9 +398,10 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             truncate_log(run_dir / TRAIN_LOG, step)
             truncate_log(run_dir / VAL_LOG, step)
-    elif is_main:
+    elif is_main:  # a fresh start (also of a run killed before its first checkpoint): no stale logs
         truncate_log(run_dir / TRAIN_LOG, 0)
         truncate_log(run_dir / VAL_LOG, 0)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
     model, optimizer = accelerator.prepare(policy, optimizer)
 

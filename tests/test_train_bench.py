@@ -1,0 +1,20 @@
+"""Smoke test of benchmarks/bench_train.py --tiny: both steps run and the JSON has the documented fields."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def test_bench_train_tiny_runs():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--tiny", "--iters", "1", "--warmup", "1"])
+    assert result["shapes"] == "tiny" and result["seq_len_hf"] > 0 and result["seq_len_ours"] > 0
+    for finetune in ("full", "frozen_vision"):
+        row = result["results"][finetune]
+        for name in ("hf_bf16", "hf_autocast", "ours"):
+            assert row[name]["samples_per_s"] > 0, (finetune, name)
+        assert row["ours_over_hf_bf16"] > 0
