@@ -135,3 +135,18 @@ def test_checkpoint_policy_world_state_matches_the_cache(mw_data, tmp_path):
     e0 = Path(train(dataclasses.replace(cfg, experiment="E0"))["run_dir"])
     p0 = load_checkpoint_policy(e0, "pred", "cpu", print_prompt=False)
     assert p0.rollout_memory == "none" and not hasattr(p0, "observe")
+
+
+def test_matrix_overrides_reach_every_cell():
+    """Local model folders (no hub) and the world settings pass from `wmvla matrix` into each cell's config."""
+    from wmvla.experiments.matrix import MatrixConfig, base_train_config, cell_config
+
+    cfg = MatrixConfig(preset="libero-2b", out=Path("runs/x"), dataset="/data/libero",
+                       backbone="/models/Qwen3-VL-2B-Instruct", world_encoder="/models/vjepa2-vitg-fpc64-256",
+                       window=1, finetune="lora", steps=7)
+    cell = cell_config(base_train_config(cfg), "E2", "flow", 3)
+    assert cell.policy.backbone == "/models/Qwen3-VL-2B-Instruct" and cell.policy.finetune == "lora"
+    assert cell.world.encoder == "/models/vjepa2-vitg-fpc64-256" and cell.world.window == 1
+    assert (cell.dataset, cell.optim.steps, cell.experiment, cell.policy.head, cell.seed) == ("/data/libero", 7, "E2", "flow", 3)
+    untouched = cell_config(base_train_config(MatrixConfig(preset="libero-2b")), "E0", "mse", 0)
+    assert untouched.policy.backbone == "Qwen/Qwen3-VL-2B-Instruct" and untouched.world.window == 4

@@ -49,6 +49,13 @@ class MatrixConfig:
     seeds: tuple[int, ...] = (0,)
 
     # ---- training overrides (None = the preset's value)
+    backbone: str | None = None
+    """policy backbone: hub id or local folder (e.g. /models/Qwen3-VL-2B-Instruct when the hub is unreachable)"""
+    world_encoder: str | None = None
+    """world encoder of the latents: hub id, local folder or "tiny" (must match the latent cache's spec)"""
+    window: int | None = None
+    """world encoder clip length m (must match the latent cache's spec)"""
+    finetune: Literal["full", "lora", "frozen_vision", "heads_only"] | None = None
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -119,6 +126,12 @@ def base_train_config(cfg: MatrixConfig) -> TrainConfig:
         changes["device"] = cfg.device
     if cfg.no_wrist_camera:
         changes["keys"] = dataclasses.replace(t.keys, wrist_image_key=None)
+    policy = {k: v for k, v in (("backbone", cfg.backbone), ("finetune", cfg.finetune)) if v is not None}
+    if policy:
+        changes["policy"] = dataclasses.replace(t.policy, **policy)
+    world = {k: v for k, v in (("encoder", cfg.world_encoder), ("window", cfg.window)) if v is not None}
+    if world:
+        changes["world"] = dataclasses.replace(t.world, **world)
     optim = {k: v for k, v in (("steps", cfg.steps), ("batch_size", cfg.batch_size), ("lr", cfg.lr)) if v is not None}
     if optim:
         changes["optim"] = dataclasses.replace(t.optim, **optim)
