@@ -89,3 +89,33 @@ def test_atomic_files_get_umask_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_cli_config_print_and_reload_round_trip(tmp_path, capsys):
+    """--print-config yaml|json shows the resolved config; --config FILE reloads it; flags still override."""
+    import json
+
+    from wmvla.cli import main
+
+    assert main(["train", "--preset", "tiny", "--seed", "5", "--print-config", "yaml"]) == 0
+    yaml_text = capsys.readouterr().out
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    assert main(["train", "--preset", "tiny", "--seed", "5", "--print-config", "json"]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    assert reference["seed"] == 5 and reference["policy"]["backbone"] == "tiny"
+
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--print-config=json"]) == 0
+    assert json.loads(capsys.readouterr().out) == reference
+    (tmp_path / "run.json").write_text(json.dumps(reference))
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--seed", "9", "--print-config", "json"]) == 0
+    # --seed also re-seeds the new modules' init (policy.init_seed follows the run seed)
+    assert json.loads(capsys.readouterr().out) == {**reference, "seed": 9,
+                                                   "policy": {**reference["policy"], "init_seed": 9}}
+
+    bad = dict(reference, no_such_field=1)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--config", str(tmp_path / "run.json")]) == 2

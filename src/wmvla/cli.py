@@ -2,7 +2,11 @@
 
 Commands are registered here by module path and imported lazily, so `wmvla --help` stays fast and a
 command's heavy dependencies (torch, mujoco) load only when it runs. Every command has `--help` listing
-all options with defaults.
+all options with defaults, and three generic options handled here before tyro:
+
+    --preset NAME              a named complete config (commands whose module defines PRESETS)
+    --config FILE.json|.yaml   a config file (e.g. a run's config.json) as the defaults; flags still override
+    --print-config json|yaml   print the resolved config and exit without running
 """
 
 from __future__ import annotations
@@ -70,6 +74,61 @@ def _preset_default(module, name: str, rest: list[str]):
     return None, rest
 
 
+def _pop_option(rest: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """Removes `--flag VALUE` / `--flag=VALUE` from rest; returns (VALUE or None, rest)."""
+    for i, arg in enumerate(rest):
+        if arg == flag or arg.startswith(flag + "="):
+            if "=" in arg:
+                return arg.split("=", 1)[1], rest[:i] + rest[i + 1:]
+            if i + 1 >= len(rest):
+                raise SystemExit(f"{flag} expects a value")
+            return rest[i + 1], rest[:i] + rest[i + 2:]
+    return None, rest
+
+
+def _config_file_default(config_cls, path: str):
+    """A JSON or YAML file with the config's fields (nested dataclasses as mappings) -> a config instance."""
+    from pathlib import Path
+
+    from wmvla.utils import WmvlaError, from_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise WmvlaError(f"--config {path}: no such file; expected a .json or .yaml file with the fields of "
+                         f"{config_cls.__name__} (e.g. a run's config.json, or --print-config yaml output)")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        import json
+
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise WmvlaError(f"--config {path}: expected a mapping of {config_cls.__name__} fields, found {type(data).__name__}")
+    try:
+        return from_dict(config_cls, data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise WmvlaError(f"--config {path}: does not match {config_cls.__name__}: {e}") from e
+
+
+def format_config(cfg, fmt: str) -> str:
+    """The resolved config as JSON or YAML text (the same plain types `to_jsonable` stores in runs)."""
+    import json
+
+    from wmvla.utils import to_jsonable
+
+    data = to_jsonable(cfg)
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=False)
+    raise SystemExit(f"--print-config expects json or yaml, got {fmt!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -83,8 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     from wmvla.utils import WmvlaError
 
     config_cls = getattr(module, config_name)
-    default, rest = _preset_default(module, name, rest)
+    print_fmt, rest = _pop_option(rest, "--print-config")
+    config_file, rest = _pop_option(rest, "--config")
+    try:
+        default, rest = _preset_default(module, name, rest)
+        if config_file is not None:
+            if default is not None:
+                raise WmvlaError("--preset and --config both set the defaults; use one of them")
+            default = _config_file_default(config_cls, config_file)
+    except WmvlaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = tyro.cli(config_cls, args=rest, prog=f"wmvla {name}", description=help_, default=default)
+    if print_fmt is not None:
+        print(format_config(cfg, print_fmt), end="" if print_fmt == "yaml" else "\n")
+        return 0
     try:
         result = getattr(module, func_name)(cfg)
     except WmvlaError as e:
