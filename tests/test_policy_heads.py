@@ -9,15 +9,6 @@ import torch
 from wmvla.policy.heads import FlowHead, MSEHead, euler_integrate, masked_mse, sinusoidal_time_embedding
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and on a shared 2-core machine OpenMP spinning otherwise
-    slows them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 10])
 def test_euler_integrates_the_rectified_flow_field_exactly(steps):

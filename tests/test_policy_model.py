@@ -18,15 +18,6 @@ from wmvla.policy.tiny import random_batch, random_observation, tiny_norm_stats,
 from wmvla.utils import WmvlaError, from_dict, to_jsonable
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and on a shared 2-core machine OpenMP spinning otherwise
-    slows them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def build(**kw) -> VLAPolicy:
     cfg = tiny_policy_config(**kw)

@@ -25,15 +25,6 @@ from wmvla.utils import WmvlaError
 FAMILIES = ("qwen3_vl", "qwen2_5_vl")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and on a shared 2-core machine OpenMP spinning otherwise
-    slows them down many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def backbones():

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from wmvla.data.fixtures import make_libero_like
 from wmvla.data.keys import DatasetKeys
@@ -14,14 +13,6 @@ from wmvla.utils import WmvlaError
 from wmvla.world.cache import LatentCache, meta_path, precompute_latents, progress_path
 from wmvla.world.encoder import OnlineWorldEncoder, WorldEncoderSpec, build_world_encoder, clip_positions
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and much faster when other tests share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CAM = "observation.images.image"
 QUIET = dict(log=lambda *a: None)

@@ -8,14 +8,6 @@ from wmvla.utils import WmvlaError
 from wmvla.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and much faster when other tests share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _rotation_episodes(rng, n_eps, dim, min_len=12, max_len=30):
     """Latent sequences z_{t+1} = A z_t (+ small noise) with A a fixed random rotation; offset + scale per dim."""

@@ -17,14 +17,6 @@ from wmvla.world.prophet_train import ProphetTrainConfig, load_prophet, split_ep
 from test_world_prophet import _rotation_episodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and much faster when other tests share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_split_is_seeded_and_disjoint():
     tr, ho = split_episodes(20, 0.1, seed=3)
