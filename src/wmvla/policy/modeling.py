@@ -336,10 +336,28 @@ class VLAPolicy(nn.Module):
             info.update(mem_info)
         return h.float(), info
 
+    def loss_counts(self, batch: Mapping) -> tuple[float, float]:
+        """The number of terms each loss of `forward` averages over for this batch: (valid action chunk steps,
+        valid future latents). Masked means of micro-batches / ranks with different counts only combine into
+        the mean over the whole global batch when weighted by these (the training loop does this)."""
+        def count(mask, shape) -> float:
+            return float(mask.sum()) if mask is not None else float(shape[0] * shape[1])
+
+        actions = batch.get("actions")
+        n_action = count(batch.get("action_mask"), actions.shape[:2]) if actions is not None else 0.0
+        future = batch.get("world_future")
+        n_world = count(batch.get("future_mask"), future.shape[:2]) if future is not None else 0.0
+        return n_action, n_world
+
     def forward(self, batch: Mapping, memory_mode: str | None = None,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None,
+                loss_weights: tuple[float, float] | None = None) -> dict:
         """Training/validation step. Returns loss (with graph) and detached diagnostics:
-        action_loss, world_loss, gate (|tanh g|), memory_norm, attn_entropy, memory_mode."""
+        action_loss, world_loss, gate (|tanh g|), memory_norm, attn_entropy, memory_mode.
+
+        loss_weights: (a, w) -> loss = a * action_loss + w * world_loss_weight * world_loss (the reported
+        action_loss / world_loss stay unweighted); the training loop passes count / mean count (see
+        `loss_counts`) so that micro-batches and ranks average over the global batch exactly."""
         inputs = self.prepare(batch)
         if inputs.get("actions") is None:
             raise WmvlaError("forward needs `actions` (and action_mask) in the batch; use predict_action at rollout")
@@ -355,9 +373,10 @@ class VLAPolicy(nn.Module):
                 if mask is None:
                     mask = torch.ones(world_pred.shape[:2], dtype=torch.bool, device=world_pred.device)
                 world_loss = self.prophet.loss(world_pred.float(), inputs["world_future"].float(), mask)
-        loss = action_loss.float()
+        wa, ww = loss_weights if loss_weights is not None else (1.0, 1.0)
+        loss = wa * action_loss.float()
         if world_loss is not None:
-            loss = loss + self.cfg.world_loss_weight * world_loss.float()
+            loss = loss + ww * self.cfg.world_loss_weight * world_loss.float()
         out = {"loss": loss, "action_loss": action_loss.detach().float(),
                "world_loss": (world_loss.detach().float() if world_loss is not None
                               else torch.zeros((), device=loss.device))}

@@ -129,6 +129,34 @@ def split_episodes(episode_ids: list[int], fraction: float, min_episodes: int, s
 # -------------------------------------------------------------------------------------- optimizer
 
 
+def global_loss_weights(policy, micro_batches: list[dict], accelerator) -> tuple[list[tuple[float, float]],
+                                                                                 list[tuple[float, float]]]:
+    """Weights that make the gradient of one optimizer step the gradient of the global batch's loss.
+
+    The action and world losses are masked means (over valid chunk steps / valid future latents). DDP
+    averages gradients over processes and the loop over `grad_accum` micro-batches, i.e. it averages
+    per-micro-batch means, which differs from the mean over the global batch whenever micro-batches have
+    different numbers of valid terms (samples near an episode's end). With n_i the count of micro-batch
+    i and N the total over all micro-batches of all processes (one all-reduce), weighting micro-batch i's
+    loss by n_i / (N / (grad_accum * processes)) makes the averaged gradient exactly sum_i n_i grad L_i / N:
+    single-process training with the global batch and DDP / gradient accumulation compute the same step.
+
+    Returns (weights for `forward(loss_weights=...)`, shares) per micro-batch; shares are
+    n_i * processes / N, so that summing loss_i * share_i over the micro-batches and then averaging over
+    processes gives the global-batch loss (what is logged).
+    """
+    counts = torch.tensor([policy.loss_counts(b) for b in micro_batches], dtype=torch.float64)  # [G, 2]
+    total = counts.sum(0)
+    world_size = accelerator.num_processes
+    if world_size > 1:
+        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    n_micro = len(micro_batches) * world_size
+    safe = total.clamp_min(1e-12)  # a loss without any valid term is 0 (clamped mean): its weight is irrelevant
+    weights = counts * n_micro / safe
+    shares = counts * world_size / safe
+    return [tuple(map(float, w)) for w in weights], [tuple(map(float, s)) for s in shares]
+
+
 def build_optimizer(policy, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
     """AdamW over exactly `policy.trainable_parameters()`; groups: decay or not x backbone or new modules."""
     o = cfg.optim
@@ -342,6 +370,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---- run folder: finished -> skip, unfinished -> resume, new -> start
     run_dir = resolve_run_dir(cfg)
     status = run_status(run_dir)
+    # every rank reads the folder's state before rank 0 creates it (else a rank could see it half-made)
+    accelerator.wait_for_everyone()
     if status.state == "finished":
         summary = json.loads((run_dir / DONE_FILE).read_text())
         say(f"train: {run_dir} already finished at step {summary.get('step')} ({DONE_FILE}); nothing to do. "
@@ -414,7 +444,7 @@ def train(cfg: TrainConfig) -> dict:
     train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes)
     sampler = ResumableBatchSampler(np.arange(len(train_set)), o.batch_size, seed=rcfg.seed,
                                     start_batch=step * o.grad_accum, rank=rank, world_size=world_size,
-                                    num_batches=o.steps * o.grad_accum)
+                                    num_batches=o.steps * o.grad_accum, grad_accum=o.grad_accum)
     loader = make_loader(train_set, sampler, collate, rcfg.num_workers, rcfg.seed + rank)
     val = None
     if is_main:
@@ -475,20 +505,30 @@ def train(cfg: TrainConfig) -> dict:
             if step < check_until and snapshot is None:
                 snapshot = ParamSnapshot(policy)
             diag: dict[str, float] = {}
-            for micro in range(o.grad_accum):
-                batch = next(data_iter)
+            micro_batches = [next(data_iter) for _ in range(o.grad_accum)]
+            weights, shares = global_loss_weights(policy, micro_batches, accelerator)
+            for micro, batch in enumerate(micro_batches):
                 sync = micro == o.grad_accum - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
-                    out = model(batch)
+                    out = model(batch, loss_weights=weights[micro])
                     loss = out["loss"] / o.grad_accum
-                    if not torch.isfinite(loss):
-                        raise WmvlaError(f"step {step}: non-finite loss {float(out['loss'])} (action_loss "
-                                         f"{float(out['action_loss'])}, world_loss {float(out['world_loss'])}). "
+                    if not torch.isfinite(out["action_loss"] + out["world_loss"]):
+                        raise WmvlaError(f"step {step}: non-finite loss (action_loss {float(out['action_loss'])}, "
+                                         f"world_loss {float(out['world_loss'])}) on process {rank}. "
                                          "Lower --optim.lr, check the data/latents for extreme values.")
                     accelerator.backward(loss)
-                for k in ("loss", "action_loss", "world_loss", "gate", "memory_norm", "attn_entropy"):
+                # per-process values whose mean over processes is the global-batch value (see global_loss_weights)
+                diag["loss"] = diag.get("loss", 0.0) + float(out["loss"].detach()) / o.grad_accum
+                for k, share in (("action_loss", shares[micro][0]), ("world_loss", shares[micro][1])):
+                    diag[k] = diag.get(k, 0.0) + float(out[k]) * share
+                for k in ("gate", "memory_norm", "attn_entropy"):
                     if k in out:
                         diag[k] = diag.get(k, 0.0) + float(out[k].detach()) / o.grad_accum
+            if world_size > 1:  # the logged values are the global batch's, not rank 0's
+                keys = list(diag)  # the same order on every rank
+                vals = accelerator.reduce(torch.tensor([diag[k] for k in keys], dtype=torch.float64,
+                                                       device=accelerator.device), "mean")
+                diag = dict(zip(keys, vals.tolist()))
             if step < check_until:
                 grads_seen = merge_grad_status(grads_seen, grad_status(policy))
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
@@ -538,6 +578,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"step": step, "finished": True, "run_dir": str(run_dir), "checkpoint": step_name(step),
                "experiment": rcfg.experiment, "head": rcfg.policy.head, "seed": rcfg.seed,
                "val": last_val, "train_seconds_this_session": round(time.perf_counter() - t_start, 1)}
+    failure = None
     if is_main:
         if last_val is not None and not last_val["beats_mean_baseline"] and rcfg.mean_baseline_check != "off":
             msg = (f"validation action MSE {last_val['action_mse']:.4f} is not below the predict-the-mean baseline "
@@ -546,10 +587,14 @@ def train(cfg: TrainConfig) -> dict:
             summary["warning"] = msg
             if rcfg.mean_baseline_check == "fail":
                 atomic_write_json(run_dir / "failed.json", summary)
-                raise WmvlaError(msg)
-            say(f"train: WARNING: {msg}")
-        atomic_write_json(run_dir / DONE_FILE, summary)
-    accelerator.wait_for_everyone()
+                failure = msg
+            else:
+                say(f"train: WARNING: {msg}")
+        if failure is None:
+            atomic_write_json(run_dir / DONE_FILE, summary)
+    accelerator.wait_for_everyone()  # before raising: the other ranks must not wait for rank 0 forever
+    if failure is not None:
+        raise WmvlaError(failure)
     return summary
 
 

@@ -3,9 +3,14 @@
 Batch c (counting micro-batches from 0 over the whole run) is a pure function of (seed, c, rank), so
 resuming at micro-batch c reproduces exactly the data an uninterrupted run would have seen, without
 replaying the data loader. Each epoch is a fresh permutation drawn from `default_rng([seed, epoch])`;
-the last incomplete global batch of an epoch is dropped so every rank sees the same number of batches.
-Ranks take disjoint slices of each global batch (DDP-style sharding), so `accelerate launch`/torchrun
-work with the same code as a single process.
+the samples of the last incomplete optimizer step of an epoch are dropped, so every rank sees the same
+number of batches and an epoch ends between optimizer steps.
+
+Equivalence across process counts and accumulation: optimizer step s consumes the slice
+perm[s * S : (s + 1) * S] of the epoch's permutation, S = batch_size x world_size x grad_accum, and the
+(micro-batch, rank) pairs of that step take disjoint consecutive pieces of it. So a run with P processes
+and A accumulation steps sees exactly the samples, step by step, of one process with a batch of
+batch_size x P x A (tests/test_train_parts.py, tests/test_train_distributed.py).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         num_batches: int | None = None,
+        grad_accum: int = 1,
     ):
         """`indices`: the dataset positions to draw from (e.g. the training split); `batch_size` per rank.
 
         `num_batches`: stop after this many batches (counted from 0, not from start_batch); None = endless.
+        `grad_accum`: micro-batches per optimizer step (epochs end between optimizer steps).
         """
         self.indices = np.asarray(indices, dtype=np.int64)
         self.batch_size = batch_size
@@ -38,15 +45,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.num_batches = num_batches
+        self.grad_accum = grad_accum
         self.global_batch = batch_size * world_size
-        if len(self.indices) < self.global_batch:
+        step_samples = self.global_batch * grad_accum
+        if len(self.indices) < step_samples:
             from wmvla.utils import WmvlaError
 
             raise WmvlaError(
-                f"the training split has {len(self.indices)} samples, fewer than one global batch "
-                f"({batch_size} x {world_size} ranks); lower --optim.batch-size or use more data"
+                f"the training split has {len(self.indices)} samples, fewer than one optimizer step "
+                f"({batch_size} x {world_size} ranks x {grad_accum} accumulation steps); lower "
+                "--optim.batch-size / --optim.grad-accum or use more data"
             )
-        self.batches_per_epoch = len(self.indices) // self.global_batch
+        # micro-batches per epoch, a multiple of grad_accum
+        self.batches_per_epoch = (len(self.indices) // step_samples) * grad_accum
         self._perm_epoch, self._perm = -1, None
 
     def batch(self, c: int) -> list[int]:
