@@ -234,3 +234,21 @@ def test_sampler_steps_equal_across_processes_and_accumulation():
             got = [i for r in range(world) for m in range(accum) for i in per_rank[r][s * accum + m]]
             assert sorted(got) == sorted(ref[s]), (b, world, accum, s)
             assert len(set(got)) == len(got)
+
+
+def test_fsdp_and_deepspeed_launches_are_refused():
+    """The loop assumes replicated weights; an FSDP/DeepSpeed accelerate config must fail loudly, not hang in
+    rank-0-only validation or write parameter shards as a checkpoint. (On CPU accelerate ignores FSDP
+    configs and runs DDP, so this is checked on the decision function.)"""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from wmvla.train.loop import _refuse_sharded_training
+    from wmvla.utils import WmvlaError
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(WmvlaError, match=f"does not support {kind.value}"):
+            _refuse_sharded_training(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        _refuse_sharded_training(SimpleNamespace(distributed_type=kind))

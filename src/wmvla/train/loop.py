@@ -365,6 +365,7 @@ def train(cfg: TrainConfig) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     is_main, rank, world_size = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    _refuse_sharded_training(accelerator)
     say = (lambda *a: accelerator.print(*a))  # noqa: E731
 
     # ---- run folder: finished -> skip, unfinished -> resume, new -> start
@@ -596,6 +597,19 @@ def train(cfg: TrainConfig) -> dict:
     if failure is not None:
         raise WmvlaError(failure)
     return summary
+
+
+def _refuse_sharded_training(accelerator) -> None:
+    """FSDP / DeepSpeed launches are refused: the loop is written for replicated weights (DDP)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise WmvlaError(
+            f"wmvla train does not support {kind.value} yet: validation runs on rank 0 only (a sharded forward needs "
+            "every rank), the first-steps checks and the checkpoint writer read whole tensors, and resume restores "
+            "an unsharded optimizer state. Launch plain DDP (`accelerate launch --num_processes N` without an "
+            "FSDP/DeepSpeed config, or torchrun); docs/training.md 'Multiple GPUs' lists what FSDP needs.")
 
 
 def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> ValData:
