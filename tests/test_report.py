@@ -494,3 +494,23 @@ def test_reads_summaries_written_by_wmvla_eval(tmp_path):
     assert s["references"]["reference/scripted_expert"]["successes"] == 19
     md = (tmp_path / "report.md").read_text()
     assert "150 (all 2 tasks)" in md and "reference/scripted_expert" in md
+
+
+def test_config_keys_win_over_the_folder_layout(tmp_path):
+    """summary.json's top-level experiment/head/seed/rollout_memory (written by `wmvla eval --checkpoint` and
+    the matrix) are used even where the folder names say otherwise; the layout is only the fallback."""
+    from wmvla.experiments.report import load_eval_runs
+
+    folder = write_eval(tmp_path, "E2", "mse", "pred", 0, [("reach-v3", 0, True), ("push-v3", 0, False)])
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["config"].update(seed=5, head="flow", rollout_memory="zero")
+    atomic_write_json(folder / "summary.json", summary)
+    (run,), _, _ = load_eval_runs(tmp_path)
+    assert (run.experiment, run.head, run.seed, run.rollout_memory) == ("E2", "flow", 5, "zero")
+    # without the keys: from the layout (E2 / tag suffix _mse / seed0), as before
+    for k in ("experiment", "head", "seed", "rollout_memory"):
+        summary["config"].pop(k)
+    summary["config"]["policy"] = {"rollout_memory": "pred"}
+    atomic_write_json(folder / "summary.json", summary)
+    (run,), _, _ = load_eval_runs(tmp_path)
+    assert (run.experiment, run.head, run.seed, run.rollout_memory) == ("E2", "mse", 0, "pred")

@@ -201,9 +201,10 @@ def load_eval_runs(run_root: Path, exclude: tuple[str, ...] = ()
             continue
         if experiment not in EXPERIMENTS:
             raise WmvlaError(f"{summary_path}: experiment {experiment!r}, expected one of {EXPERIMENTS}.")
-        # The training seed: the run folder's seed<k> (evaluations sit inside it), else the config's seed.
-        seed = _seed_from_path(rel)
-        seed = cfg.get("seed") if seed is None else seed
+        # The training seed: the config's (`wmvla eval --checkpoint` and `wmvla matrix` record it), else the run
+        # folder's seed<k> (evaluations sit inside it).
+        seed = cfg.get("seed")
+        seed = _seed_from_path(rel) if seed is None else seed
         head = _resolve_head(cfg, rel)
         missing = [k for k, v in (("head", head), ("seed", seed)) if v is None]
         if missing:
