@@ -77,3 +77,61 @@ def test_two_conditions_face_the_same_initial_conditions_and_pair_up(tmp_path):
                             scripted=name, max_steps=4, progress=False))
     out = compare_episode_files(tmp_path / "noop" / "episodes.jsonl", tmp_path / "random" / "episodes.jsonl")
     assert out["mcnemar"]["n_pairs"] == 6 and out["unpaired_a"] == out["unpaired_b"] == 0
+
+
+def _random_metaworld_checkpoint(root, experiment: str = "E1", seed: int = 3):
+    """A MetaWorld-shaped tiny checkpoint with random weights in the training layout (no training needed)."""
+    import dataclasses
+
+    import numpy as np
+
+    from wmvla.data.keys import DatasetKeys
+    from wmvla.data.normalize import feature_stats
+    from wmvla.policy.config import tiny_policy_config
+    from wmvla.policy.modeling import VLAPolicy
+    from wmvla.train.checkpoint import save_checkpoint
+    from wmvla.train.config import get_preset
+    from wmvla.utils import to_jsonable
+
+    keys = DatasetKeys(wrist_image_key=None)
+    cfg = dataclasses.replace(get_preset("tiny"), keys=keys, experiment=experiment, seed=seed,
+                              policy=tiny_policy_config(state_dim=39, action_dim=4, camera_keys=keys.camera_keys))
+    rng = np.random.default_rng(0)
+    stats = {"observation.state": feature_stats(rng.normal(size=(256, 39)), "observation.state"),
+             "action": feature_stats(rng.uniform(-1, 1, size=(256, 4)), "action", mode="quantile",
+                                     passthrough_dims=(3,))}
+    policy = VLAPolicy(cfg.policy, stats)
+    run = root / experiment / "tiny_m2_delta_mse" / f"seed{seed}"
+    return save_checkpoint(run, 2, model=policy, config=to_jsonable(cfg), stats=stats, tokenizer=policy.tokenizer,
+                           world={"spec": None, "latents": None, "uses_memory": True})
+
+
+def test_checkpoint_eval_defaults_to_its_eval_folder_and_records_the_run(tmp_path, capsys):
+    """Without --out a checkpoint evaluation goes where `wmvla matrix` puts it, and summary.json's config
+    has experiment / head / seed / rollout_memory / checkpoint at the top level (the report reads them)."""
+    from wmvla.eval.checkpoint_policy import eval_dir_for
+    from wmvla.experiments.report import load_eval_runs
+
+    ckpt = _random_metaworld_checkpoint(tmp_path / "runs")
+    run = ckpt.parent.parent
+    args = ["eval", "--env", "metaworld", "--suite", "core5", "--tasks", "reach", "--episodes", "2", "--workers", "0",
+            "--max-steps", "5", "--image-size", "32", "--device", "cpu", "--no-progress", "--checkpoint", str(run)]
+    assert main(args) == 0
+    out = eval_dir_for(run, "metaworld", "core5", "zero")  # E1's own rollout memory
+    assert out == run / "eval" / "step_0000002__metaworld_core5__mem-zero"
+    assert "writing to" in capsys.readouterr().out
+    cfg = json.loads((out / "summary.json").read_text())["config"]
+    assert {k: cfg[k] for k in ("experiment", "head", "seed", "rollout_memory")} == {
+        "experiment": "E1", "head": "mse", "seed": 3, "rollout_memory": "zero"}
+    assert cfg["checkpoint"] == str(ckpt.resolve()) == cfg["policy"]["checkpoint"]
+    assert len(read_jsonl(out / "episodes.jsonl")) == 2
+    # the report takes them from the config (the same evaluation copied outside the E/tag/seed layout)
+    import shutil
+
+    elsewhere = tmp_path / "flat" / "some_eval"
+    shutil.copytree(out, elsewhere)
+    runs, _, refs = load_eval_runs(tmp_path / "flat")
+    assert not refs and [(r.experiment, r.head, r.seed, r.rollout_memory) for r in runs] == [("E1", "mse", 3, "zero")]
+    # --scripted still needs --out
+    with pytest.raises(WmvlaError, match="--out DIR is required with --scripted"):
+        run_eval(EvalConfig(suite="core5", workers=0, scripted="noop", progress=False))

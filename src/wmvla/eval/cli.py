@@ -2,6 +2,9 @@
 
     wmvla eval --env metaworld --tasks reach,push --episodes 10 --workers 2 --scripted expert --out runs/eval/expert
     wmvla eval --env libero --suite libero_spatial --episodes 50 --workers 16 --checkpoint CKPT --out runs/eval/e2
+    wmvla eval --env libero --suite libero_spatial --episodes 50 --checkpoint CKPT    # -> <run>/eval/<step>__libero_...
+    torchrun --nproc_per_node 4 -m wmvla.cli eval ... --checkpoint CKPT                # 4 shards, merged at the end
+    wmvla eval --merge DIR                                                              # merge finished shards
 
 Writes DIR/episodes.jsonl (one line per episode, appended as episodes finish; re-running resumes),
 DIR/summary.json ({"overall", "per_task", "config"}), DIR/run_config.json (the settings a resumed run must
@@ -11,6 +14,10 @@ Episodes of task t use init indices first_init .. first_init + episodes - 1 (Met
 `--seed`, 1000 by default, disjoint from the training seed 0; LIBERO: the suite's fixed init states), so
 every condition evaluated with the same flags faces the same initial conditions and results pair up
 episode by episode (wmvla.eval.stats.compare_episode_files).
+
+Sharding (`--num-shards N --shard-index I`, or RANK / WORLD_SIZE under torchrun): each process evaluates
+its part of the episodes into DIR/shards/ and the last one to finish merges them into DIR/episodes.jsonl
++ DIR/summary.json (wmvla.eval.shards).
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ NUM_INIT_STATES = {"metaworld": METAWORLD_CONFIGS_PER_SEED, "libero": 50}
 class EvalConfig:
     """Closed-loop evaluation: a policy in the loop of N parallel environments."""
 
-    out: Path
-    """output folder (episodes.jsonl, summary.json, videos/); an existing one is resumed."""
+    out: Path | None = None
+    """output folder (episodes.jsonl, summary.json, videos/); an existing one is resumed. Default with
+    --checkpoint: <run>/eval/<step>__<env>_<suite>__mem-<rollout memory> (beside the checkpoint, the folder
+    `wmvla matrix` uses); required with --scripted."""
     env: Literal["metaworld", "libero"] = "metaworld"
     suite: str | None = None
     """metaworld: mt50 (default), mt10, core5; libero: libero_spatial (default), _object, _goal, _10, _90."""
@@ -83,6 +92,14 @@ class EvalConfig:
     """None = lockstep policy calls over all workers (default); a number = act on the ready slots after
     waiting at most this long for more (faster with cheap policies and many workers)."""
     progress: bool = True
+    num_shards: int | None = None
+    """split the episodes over N processes (each runs this command with its --shard-index; they share --out);
+    None = unsharded, or WORLD_SIZE shards when launched by torchrun / accelerate launch."""
+    shard_index: int | None = None
+    """this process's shard, 0..N-1 (default under torchrun: RANK). The last shard to finish merges all."""
+    merge: Path | None = None
+    """merge the shards of this (sharded) evaluation folder into episodes.jsonl + summary.json and exit;
+    refuses missing or overlapping shards. Needs no other flag."""
     metaworld: MetaWorldSettings = field(default_factory=MetaWorldSettings)
     libero: LiberoSettings = field(default_factory=LiberoSettings)
 
@@ -157,9 +174,14 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and os.environ.get("LOCAL_RANK") is not None:  # one GPU per launched process
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     policy = load_checkpoint_policy(ckpt, cfg.rollout_memory, device, seed=cfg.policy_seed)
     mode = getattr(policy, "rollout_memory", cfg.rollout_memory)  # resolved by the loader
-    desc = {"kind": "checkpoint", "checkpoint": str(ckpt.resolve()), "rollout_memory": mode,
+    from wmvla.train.checkpoint import resolve_checkpoint
+
+    # the checkpoint folder itself (a run folder given on the command line means its latest checkpoint)
+    desc = {"kind": "checkpoint", "checkpoint": str(resolve_checkpoint(ckpt).resolve()), "rollout_memory": mode,
             "device": device, "seed": cfg.policy_seed}
     describe = getattr(policy, "describe", None)
     if callable(describe):
@@ -167,10 +189,28 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
     return policy, desc, f"ckpt-{mode}"
 
 
+def checkpoint_summary_keys(policy_desc: dict) -> dict:
+    """Top-level summary.json config keys of a checkpoint evaluation (as `wmvla matrix` writes them), so the
+    report reads experiment/head/seed without guessing from the folder layout."""
+    details = policy_desc.get("details") or {}
+    keys = {"experiment": details.get("experiment"), "head": details.get("head"), "seed": details.get("seed"),
+            "rollout_memory": policy_desc.get("rollout_memory"), "checkpoint": policy_desc.get("checkpoint")}
+    return {k: v for k, v in keys.items() if v is not None}
+
+
 def run_eval(cfg: EvalConfig) -> int:
+    from wmvla.eval import shards
+
+    if cfg.merge is not None:
+        summary = shards.merge_shards(cfg.merge)
+        print_summary(summary, Path(cfg.merge))
+        return 0
     env_cfg = cfg.env_config()
     if (cfg.scripted is None) == (cfg.checkpoint is None):
         raise WmvlaError("choose exactly one policy: --scripted expert|random|noop or --checkpoint DIR")
+    if cfg.out is None and cfg.checkpoint is None:
+        raise WmvlaError("--out DIR is required with --scripted (only a --checkpoint evaluation has a default "
+                         "folder: <run>/eval/<step>__<env>_<suite>__mem-<mode>)")
     if cfg.scripted == "expert" and cfg.env != "metaworld":
         raise WmvlaError(f"the scripted expert exists for MetaWorld only, not {cfg.env!r}; "
                          "use --scripted random or noop, or a --checkpoint")
@@ -184,16 +224,42 @@ def run_eval(cfg: EvalConfig) -> int:
             f"{n_init} init states per task (0..{n_init - 1}"
             + (", per seed; evaluate another block of 50 with a different --seed" if cfg.env == "metaworld" else "")
             + ")")
+    shard = shards.resolve_shard(cfg.shard_index, cfg.num_shards)
     policy, policy_desc, default_condition = build_policy(cfg, env_cfg)
+    if cfg.out is not None:
+        out = Path(cfg.out)
+    else:
+        from wmvla.eval.checkpoint_policy import eval_dir_for
+
+        out = eval_dir_for(cfg.checkpoint, env_cfg.env, env_cfg.resolved_suite, policy_desc["rollout_memory"])
+        print(f"eval: writing to {out} (the checkpoint's evaluation folder; --out overrides)", flush=True)
+    shards.check_out_dir(out, sharded=shard is not None)
     condition = cfg.condition or default_condition
     engine = cfg.engine_config()
     inits = list(range(cfg.first_init, cfg.first_init + cfg.episodes))
     config = result_config(env_cfg, tasks, inits, engine, policy_desc, condition)
+    if policy_desc.get("kind") == "checkpoint":
+        config.update(checkpoint_summary_keys(policy_desc))
     episodes = [EpisodeSpec(task, k, condition) for task in tasks for k in inits]
-    out = Path(cfg.out)
-    records = run_rollouts(env_cfg, policy, episodes, out, engine, run_config=config)
-    summary = write_summary(out, records, config)
-    print_summary(summary, out)
+    if shard is None:
+        records = run_rollouts(env_cfg, policy, episodes, out, engine, run_config=config)
+        summary = write_summary(out, records, config)
+        print_summary(summary, out)
+        return 0
+    index, n = shard
+    paths = shards.shard_paths(out, index, n)
+    (out / shards.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    shards.write_manifest(out, index, n, config, shards.episode_keys(config, episodes))
+    mine = [e for e in episodes if shards.shard_of(e.task, e.init_index, n) == index]
+    print(f"eval: shard {index} of {n}: {len(mine)} of {len(episodes)} episodes -> {out / paths['episodes']}",
+          flush=True)
+    if mine:
+        run_rollouts(env_cfg, policy, mine, out, engine, run_config=config, episodes_file=paths["episodes"],
+                     run_config_file=paths["run_config"])
+    summary = shards.merge_shards(out, quiet_if_incomplete=True)
+    if summary is not None:
+        print(f"eval: all {n} shards finished; merged into {out / EPISODES_FILE}", flush=True)
+        print_summary(summary, out)
     return 0
 
 

@@ -321,9 +321,9 @@ def drop_torn_last_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def check_run_config(out_dir: Path, run_config: dict) -> None:
+def check_run_config(out_dir: Path, run_config: dict, name: str = RUN_CONFIG_FILE) -> None:
     """First run: save run_config.json. Resumed run: refuse settings that would change results."""
-    path = out_dir / RUN_CONFIG_FILE
+    path = out_dir / name
     if not path.exists():
         atomic_write_json(path, run_config)
         return
@@ -349,8 +349,13 @@ def run_rollouts(
     out_dir: str | os.PathLike,
     engine: EngineConfig = EngineConfig(),
     run_config: dict | None = None,
+    episodes_file: str = EPISODES_FILE,
+    run_config_file: str = RUN_CONFIG_FILE,
 ) -> list[dict]:
-    """Run `episodes` (skipping those already in out_dir/episodes.jsonl); return all records of them."""
+    """Run `episodes` (skipping those already in out_dir/episodes.jsonl); return all records of them.
+
+    `episodes_file` / `run_config_file`: other paths relative to out_dir (a shard of a sharded evaluation
+    writes `shards/shard-00-of-04.jsonl`, see wmvla.eval.shards); videos go to out_dir/videos either way."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if engine.replan_steps < 1:
@@ -358,9 +363,9 @@ def run_rollouts(
     if engine.workers < 0:
         raise WmvlaError(f"workers must be >= 0, got {engine.workers}")
     if run_config is not None:
-        check_run_config(out_dir, run_config)
+        check_run_config(out_dir, run_config, run_config_file)
     suite, seed, dim = env_cfg.resolved_suite, env_cfg.seed, action_dim(env_cfg)
-    log_path = out_dir / EPISODES_FILE
+    log_path = out_dir / episodes_file
 
     def key(spec: EpisodeSpec) -> tuple:
         return episode_key(env_cfg.env, suite, spec.task, spec.init_index, seed, spec.condition)
