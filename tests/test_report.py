@@ -244,6 +244,26 @@ def test_underpowered_case(tmp_path):
     assert "needs about 294 episodes per condition" in s["verdict"]["sentence"]
 
 
+def test_detectable_difference_at_the_ceiling_is_said_to_be_none(tmp_path):
+    # the demo's situation: E0 40/45 (88.9 %), E2 45/45 with 5:0 discordant pairs, p = 0.0625. Even a rise to
+    # 100 % (+11.1 points) needs more than 45 episodes for 80 % power, so the report must not claim that
+    # "differences of 11.1 points or more are detected".
+    root = make_root(tmp_path, seeds=(0,), per_seed=45, e2_e0=(40, 5, 0), e1_e0=(40, 0, 0), e3_e0=(40, 0, 0))
+    s = report(root)
+    c = comparison(s, "E2 vs E0")
+    assert c["p_value"] == pytest.approx(mcnemar_by_hand(5, 0)) and not c["significant"]
+    assert c["mdd"] == pytest.approx(5 / 45) and c["mdd_ceiling"] is True
+    crit = s["verdict"]["per_head"]["mse"]["criteria"]["e2_beats_e0"]
+    assert crit["status"] == "inconclusive" and "no difference is detected" in crit["sentence"]
+    assert "or more are detected" not in crit["sentence"]
+    md = (root / "report.md").read_text()
+    assert "> 11.1 pts (none)" in md and "not even a change to 100 %" in md
+    # a comparison with room to 100 % keeps the plain wording (test_underpowered_case): E0 at 20 %, n=10
+    low = report(make_root(tmp_path / "low", seeds=(0,), per_seed=10, e2_e0=(2, 3, 0), e1_e0=(2, 0, 0),
+                           e3_e0=(2, 1, 0)))
+    assert comparison(low, "E2 vs E0")["mdd_ceiling"] is False
+
+
 def test_refuses_mismatched_episode_counts(tmp_path):
     root = make_root(tmp_path)
     # a second, larger E0 run would make E0 n=150 vs E2 n=100: McNemar needs the same matched episodes

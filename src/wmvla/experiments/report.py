@@ -348,6 +348,7 @@ class Comparison:
     p_value: float | None = None  # two-sided exact McNemar
     significant: bool | None = None
     mdd: float | None = None  # minimal detectable difference at this n (see ReportConfig.min_effect)
+    mdd_ceiling: bool = False  # even the largest possible change (to 100 %) is not detectable at this n
     per_seed_diff: dict[str, float] = field(default_factory=dict)  # training seed -> a_rate - b_rate
 
 
@@ -419,6 +420,8 @@ def compare(name: str, kind: str, head: str, a: Condition | None, b: Condition |
     # at a 100 % baseline no increase exists; the mirror (a drop from 100 %) is what could be detected
     p0 = cmp.b_rate if cmp.b_rate < 1.0 else 0.0
     cmp.mdd = float(min_detectable_difference(cmp.n_pairs, p0, alpha=cfg.alpha, power=cfg.power))
+    # min_detectable_difference clips at 1 - p0: then no change at all is detectable, not "changes of mdd"
+    cmp.mdd_ceiling = cmp.mdd >= (1.0 - p0) - 1e-9
     return cmp
 
 
@@ -466,6 +469,14 @@ def _pts(x: float) -> str:
     return f"{100 * x:.1f} points"
 
 
+def _detectable(c: Comparison, cfg: ReportConfig) -> str:
+    """What this comparison's n can detect, said correctly when even a jump to 100 % cannot be."""
+    if c.mdd_ceiling:
+        return (f"at n={c.n_pairs} no difference is detected with {cfg.power:.0%} power: even the largest possible "
+                f"one ({_pts(c.mdd)}, up to 100 %) would usually be missed")
+    return f"at n={c.n_pairs} only differences of {_pts(c.mdd)} or more are detected with {cfg.power:.0%} power"
+
+
 def _p(p: float | None) -> str:
     if p is None:
         return "n/a"
@@ -492,9 +503,8 @@ def judge(c: Comparison, cfg: ReportConfig) -> dict:
             return {"status": "violated",
                     "sentence": f"{nums}: E1 differs significantly from E0, so the extra parameters alone change "
                                 "success and an E2 gain cannot be credited to the world signal."}
-        shown = ("and " + power_note) if c.mdd <= cfg.min_effect else (
-            f"but at this n only differences of {_pts(c.mdd)} or more would be detected reliably, so this is "
-            "no evidence of equivalence")
+        shown = ("and " + power_note) if c.mdd <= cfg.min_effect and not c.mdd_ceiling else (
+            f"but {_detectable(c, cfg)}, so this is no evidence of equivalence")
         return {"status": "holds", "sentence": f"{nums}: no significant difference ({shown})."}
     if c.kind == "info":
         sig = "significant" if c.significant else "not significant"
@@ -517,13 +527,12 @@ def judge(c: Comparison, cfg: ReportConfig) -> dict:
         return {"status": "inconclusive", "ceiling": True,
                 "sentence": f"{nums}: no significant difference, but {c.b} is at {_pct(c.b_rate)}, too close to "
                             f"100 % for a {_pts(cfg.min_effect)} gain to exist (ceiling; use harder tasks)."}
-    if c.mdd <= cfg.min_effect:
+    if c.mdd <= cfg.min_effect and not c.mdd_ceiling:
         return {"status": "not supported",
                 "sentence": f"{nums}: no significant gain, and {power_note}; a gain smaller than "
                             f"{_pts(c.mdd)} is not excluded."}
     return {"status": "inconclusive",
-            "sentence": f"{nums}: no significant difference, but underpowered: at n={c.n_pairs} only "
-                        f"differences of {_pts(c.mdd)} or more are detected with {cfg.power:.0%} power."}
+            "sentence": f"{nums}: no significant difference, but underpowered: {_detectable(c, cfg)}."}
 
 
 CRITERIA = (  # (key, comparison name, what it tests)
@@ -572,11 +581,15 @@ def build_verdict(comparisons: list[Comparison], cfg: ReportConfig) -> dict:
             sentence = (f"{head}: INCONCLUSIVE — the reference conditions succeed almost always, so no meaningful "
                         "gain can be measured on these tasks.")
         else:
-            mdd = max((mine[c].mdd for _, c, _ in CRITERIA if mine[c].mdd is not None), default=float("nan"))
-            overall = f"inconclusive: underpowered (n={e2.n_pairs})"
             weak = [k for k in ("e2_beats_e0", "pred_beats_zero", "pred_beats_random") if st[k] != "supported"]
-            sentence = (f"{head}: INCONCLUSIVE, UNDERPOWERED ({n_txt}) — {', '.join(weak)} not significant; "
-                        f"differences below about {_pts(mdd)} cannot be detected reliably at this n.")
+            weak_cmps = [mine[c] for k, c, _ in CRITERIA if k in weak and mine[c].mdd is not None]
+            overall = f"inconclusive: underpowered (n={e2.n_pairs})"
+            sentence = f"{head}: INCONCLUSIVE, UNDERPOWERED ({n_txt}) — {', '.join(weak)} not significant; "
+            if any(c.mdd_ceiling for c in weak_cmps):
+                sentence += "at this n not even the largest possible differences are detected reliably."
+            else:
+                mdd = max((c.mdd for c in weak_cmps), default=float("nan"))
+                sentence += f"differences below about {_pts(mdd)} cannot be detected reliably at this n."
             if e2.b_rate is not None and e2.b_rate + cfg.min_effect <= 1.0:
                 need = required_n_two_proportions(e2.b_rate, e2.b_rate + cfg.min_effect, cfg.alpha, cfg.power)
                 sentence += (f" Detecting a {_pts(cfg.min_effect)} gain over E0's {_pct(e2.b_rate)} with "
@@ -917,13 +930,15 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
             "Exact McNemar test (two-sided) over episodes matched by training seed and (env, suite, task, init index, "
             "episode seed). "
             "\"A only\" counts pairs where A succeeded and B failed. MDD: minimal detectable difference at this n "
-            f"(alpha {cfg.alpha}, power {cfg.power:.0%}, at B's rate).", ""]
+            f"(alpha {cfg.alpha}, power {cfg.power:.0%}, at B's rate); \"(none)\": not even a change to 100 % is "
+            "detectable at this n.", ""]
     rows = []
     for c in comps:
         if c["status"] == "ok":
             rows.append([c["name"], c["head"], f"`{c['a']}`", f"`{c['b']}`", _pct(c["a_rate"]), _pct(c["b_rate"]),
                          _pct(c["diff"], signed=True), str(c["n_pairs"]), str(c["a_only"]), str(c["b_only"]),
-                         _p(c["p_value"]), "yes" if c["significant"] else "no", f"{100 * c['mdd']:.1f} pts",
+                         _p(c["p_value"]), "yes" if c["significant"] else "no",
+                         f"> {100 * c['mdd']:.1f} pts (none)" if c["mdd_ceiling"] else f"{100 * c['mdd']:.1f} pts",
                          ", ".join(f"s{s}: {100 * d:+.0f}" for s, d in c["per_seed_diff"].items()), "ok"])
         else:
             rows.append([c["name"], c["head"], f"`{c['a']}`", f"`{c['b']}`", _pct(c["a_rate"]), _pct(c["b_rate"]),
@@ -937,14 +952,19 @@ def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: R
     out += ["## Power", ""]
     if ok:
         ns = sorted({c["n_pairs"] for c in ok})
-        mdds = [c["mdd"] for c in ok]
-        span = (f"{_pts(min(mdds))} (at the reference's success rate)" if max(mdds) - min(mdds) < 5e-4 else
-                f"{_pts(min(mdds))} to {_pts(max(mdds))} (depending on the reference's success rate)")
-        out.append(f"With {', '.join(map(str, ns))} matched episodes per comparison, a two-sided test at alpha "
-                   f"{cfg.alpha} detects with {cfg.power:.0%} power only differences of about "
-                   f"{span}. Smaller true "
-                   "effects will usually come out non-significant; the McNemar test gains power when outcomes of "
-                   "matched episodes are correlated, so these numbers are conservative.")
+        mdds = [c["mdd"] for c in ok if not c["mdd_ceiling"]]
+        n_ceiling = sum(c["mdd_ceiling"] for c in ok)
+        text = f"With {', '.join(map(str, ns))} matched episodes per comparison, a two-sided test at alpha {cfg.alpha} "
+        if mdds:
+            span = (f"{_pts(min(mdds))} (at the reference's success rate)" if max(mdds) - min(mdds) < 5e-4 else
+                    f"{_pts(min(mdds))} to {_pts(max(mdds))} (depending on the reference's success rate)")
+            text += f"detects with {cfg.power:.0%} power only differences of about {span}"
+            if n_ceiling:
+                text += f"; in {n_ceiling} of {len(ok)} comparisons not even a change to 100 % is detectable"
+        else:
+            text += f"detects with {cfg.power:.0%} power no difference in any comparison, not even a change to 100 %"
+        out.append(text + ". Smaller true effects will usually come out non-significant; the McNemar test gains "
+                   "power when outcomes of matched episodes are correlated, so these numbers are conservative.")
     else:
         out.append("No comparison could be computed.")
     out.append("")
