@@ -122,8 +122,14 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | None = None,
     extra_meta: dict | None = None,
     keep_last: int = 2,
+    tensors: dict[str, torch.Tensor] | None = None,
+    frozen: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, move `latest` to it, prune older ones; return its folder."""
+    """Write checkpoint `step` atomically, move `latest` to it, prune older ones; return its folder.
+
+    `tensors` / `frozen`: the trained state dict and the frozen-weights fingerprint when the caller has them
+    already (a sharded model, `--distributed fsdp`: gathered to this process / taken before sharding);
+    otherwise they are read from `model`, whose tensors must then be whole."""
     from safetensors.torch import save_file
 
     from wmvla.data.normalize import save_stats
@@ -136,7 +142,14 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        tensors = trained_state_dict(model)
+        if tensors is None:
+            tensors = trained_state_dict(model)
+        else:
+            expected = set(saved_tensor_names(model))
+            if set(tensors) != expected:
+                raise WmvlaError(f"checkpoint tensors differ from the trained set: missing "
+                                 f"{sorted(expected - set(tensors))[:10]}, extra {sorted(set(tensors) - expected)[:10]}")
+            tensors = {n: tensors[n].detach().contiguous().cpu() for n in sorted(tensors)}
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT, "step": str(step)})
         if ema_state is not None:
             save_file({n: t.contiguous() for n, t in ema_state.items()}, str(tmp / EMA_FILE),
@@ -150,7 +163,7 @@ def save_checkpoint(
             "step": step,
             "tensors": {n: list(t.shape) for n, t in tensors.items()},
             "num_trained_values": int(sum(t.numel() for t in tensors.values())),
-            "frozen": frozen_fingerprint(model),
+            "frozen": frozen if frozen is not None else frozen_fingerprint(model),
             "ema": ema_state is not None,
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "python": platform.python_version()},

@@ -8,15 +8,25 @@
   received a gradient has changed, none received an all-zero/absent gradient unless explicitly allowed,
   and no frozen parameter changed.
 - `check_optimizer_state_fp32`: Adam moments are fp32 after the first step.
+
+Under FSDP (`--distributed fsdp`) parameters and gradients are DTensors: the fingerprints and gradient
+statistics are taken of each process's local shard and combined with `reduce_max` (an all-reduce MAX over
+processes): a tensor changed iff some shard changed; its largest gradient entry is the max over shards.
+An empty shard (a tensor with fewer rows than processes) contributes nothing. With one process (or DDP,
+whose parameters are whole on every rank) `reduce_max` is None and the shard is the tensor.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from typing import Callable
 
 import torch
 
+from wmvla.train.fsdp import local
 from wmvla.utils import WmvlaError
+
+ReduceMax = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def _short(names: list[str], n: int = 12) -> str:
@@ -63,7 +73,7 @@ class ParamSnapshot:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.values = {n: self._fingerprint(p) for n, p in model.named_parameters()}
+        self.values = {n: self._fingerprint(local(p)) for n, p in model.named_parameters()}
 
     @staticmethod
     @torch.no_grad()
@@ -73,8 +83,14 @@ class ParamSnapshot:
         w = torch.arange(1, probe.numel() + 1, dtype=torch.float64, device=probe.device)
         return (x.sum().item(), (x * x).sum().item(), (probe * w).sum().item())
 
-    def changed(self, model: torch.nn.Module) -> dict[str, bool]:
-        return {n: self._fingerprint(p) != self.values[n] for n, p in model.named_parameters()}
+    def changed(self, model: torch.nn.Module, reduce_max: ReduceMax = None) -> dict[str, bool]:
+        """name -> changed since the snapshot; `reduce_max` combines the shards' answers (FSDP)."""
+        names = [n for n, _ in model.named_parameters()]
+        flags = [self._fingerprint(local(p)) != self.values[n] for n, p in model.named_parameters()]
+        if reduce_max is not None:
+            device = next(model.parameters()).device
+            flags = reduce_max(torch.tensor(flags, dtype=torch.float32, device=device)).cpu().tolist()
+        return {n: bool(f) for n, f in zip(names, flags)}
 
 
 def check_first_step(
@@ -82,14 +98,16 @@ def check_first_step(
     before: ParamSnapshot,
     grads_seen: dict[str, str],
     allow_no_grad: tuple[str, ...] = (),
+    reduce_max: ReduceMax = None,
 ) -> dict[str, int]:
     """Verify the first optimizer step. `grads_seen`: name -> "none" | "zero" | "ok" recorded before the step.
 
     `allow_no_grad`: glob patterns of trainable parameters that may legitimately get no/zero gradient
     (e.g. the memory key/value projections in E1, whose memory input is all zeros).
+    `reduce_max`: combines per-shard results over processes under FSDP (see the module docstring).
     Returns counts for the log. Raises WmvlaError listing every offending parameter.
     """
-    changed = before.changed(model)
+    changed = before.changed(model, reduce_max)
     allowed = lambda n: any(fnmatch.fnmatch(n, pat) for pat in allow_no_grad)  # noqa: E731
     no_grad, not_moved, frozen_moved = [], [], []
     for n, p in model.named_parameters():
@@ -138,18 +156,36 @@ def merge_grad_status(seen: dict[str, str], new: dict[str, str]) -> dict[str, st
 
 
 @torch.no_grad()
-def grad_status(model: torch.nn.Module) -> dict[str, str]:
-    """name -> "none" | "zero" | "small" | "ok" | "nonfinite" per trainable parameter (after backward)."""
-    out = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+def grad_status(model: torch.nn.Module, reduce_max: ReduceMax = None) -> dict[str, str]:
+    """name -> "none" | "zero" | "small" | "ok" | "nonfinite" per trainable parameter (after backward).
+
+    Per parameter (has a gradient, has a non-finite entry, largest |entry|) of the local gradient (shard),
+    combined over processes by `reduce_max` under FSDP; one host sync for all parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return {}
+    device = next(model.parameters()).device
+    rows = []
+    for _, p in named:
         if p.grad is None:
+            rows.append(torch.zeros(3, dtype=torch.float32, device=device))
+            continue
+        g = local(p.grad)
+        if g.numel() == 0:  # an empty shard: has a gradient, nothing else to say
+            rows.append(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32, device=device))
+            continue
+        finite = torch.isfinite(g).all()
+        m = torch.where(finite, g.abs().max().float(), torch.zeros((), device=g.device))
+        rows.append(torch.stack([torch.ones((), device=g.device), (~finite).float(), m]).to(device))
+    stats = torch.stack(rows)
+    if reduce_max is not None:
+        stats = reduce_max(stats)
+    out = {}
+    for (n, _), (has, nonfinite, m) in zip(named, stats.cpu().tolist()):
+        if not has:
             out[n] = "none"
-            continue
-        if not torch.isfinite(p.grad).all():
+        elif nonfinite:
             out[n] = "nonfinite"
-            continue
-        m = p.grad.abs().max().item()
-        out[n] = "zero" if m == 0 else "small" if m < ADAM_SIGNIFICANT_GRAD else "ok"
+        else:
+            out[n] = "zero" if m == 0 else "small" if m < ADAM_SIGNIFICANT_GRAD else "ok"
     return out
