@@ -132,6 +132,10 @@ class TrainConfig:
     """DataLoader worker processes"""
     device: str = "auto"
     """auto = cuda if available; ignored under accelerate launch (each process takes its GPU)"""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """with several processes (accelerate launch / torchrun): ddp = replicated weights; fsdp = weights,
+    gradients and AdamW state sharded over the processes (PyTorch FSDP2, per decoder layer / vision block),
+    for full fine-tuning of 4B/8B backbones. Same steps, same checkpoints; ignored with one process"""
     progress: bool = True
     """rich progress bar"""
     stop_after: int | None = None
@@ -140,6 +144,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.experiment not in EXPERIMENTS:
             raise WmvlaError(f"experiment={self.experiment!r}; expected one of {list(EXPERIMENTS)}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise WmvlaError(f"distributed={self.distributed!r}; expected ddp or fsdp")
         if self.mean_baseline_check not in ("fail", "warn", "off"):
             raise WmvlaError(f"mean_baseline_check={self.mean_baseline_check!r}; expected fail|warn|off")
         # The experiment decides the memory; anything else would make E0..E3 labels lie.

@@ -3,12 +3,18 @@
     wmvla train --preset tiny --dataset DS --latents DS_LATENTS.npy
     accelerate launch --num_processes 4 -m wmvla.cli train --preset libero-2b --dataset /data/libero
     torchrun --nproc_per_node 4 -m wmvla.cli train --preset libero-2b ...
+    torchrun --nproc_per_node 4 -m wmvla.cli train --preset libero-2b --distributed fsdp \
+        --policy.backbone Qwen/Qwen3-VL-8B-Instruct     # sharded weights / grads / AdamW state (FSDP2)
 
-Order of one optimizer step: `grad_accum` micro-batches (DDP gradient sync only on the last), gradient
+Order of one optimizer step: `grad_accum` micro-batches (DDP / FSDP gradient sync only on the last), gradient
 clipping, AdamW step with the lr of the step (warmup + cosine, a pure function of the step), optional EMA
 update, logging, validation, checkpoint. The data order, validation split and every random draw are seeded
 (`seed + rank` per process), and the checkpoint carries optimizer, EMA, RNG and data position, so a run
 killed at any point and started again with the same command continues exactly as if uninterrupted.
+
+With `--distributed fsdp` (several processes) the loop shards the policy itself with FSDP2 (`train/fsdp.py`)
+instead of wrapping it in DDP; validation then runs on every rank (a sharded forward needs all of them),
+the checks read local shards, and checkpoints gather whole tensors to rank 0: the same checkpoint files.
 
 Loud checks (the earlier attempt's silent failures, see LESSONS.md):
   - start-up: trainable weights fp32, every trainable parameter in the optimizer, nothing frozen in it;
@@ -348,6 +354,7 @@ def train(cfg: TrainConfig) -> dict:
     from wmvla.data.samples import ChunkDataset
     from wmvla.train.checkpoint import (
         STATE_FILE,
+        frozen_fingerprint,
         load_trained_weights,
         rng_state,
         save_checkpoint,
@@ -355,6 +362,14 @@ def train(cfg: TrainConfig) -> dict:
         step_name,
     )
     from wmvla.train.ema import EMA
+    from wmvla.train.fsdp import (
+        all_reduce_max,
+        full,
+        full_model_state,
+        full_optimizer_state,
+        load_optimizer_state,
+        shard_policy,
+    )
     from wmvla.train.logger import TrainLogger
     from wmvla.train.sampler import ResumableBatchSampler
     from wmvla.train.schedule import set_lr
@@ -399,7 +414,20 @@ def train(cfg: TrainConfig) -> dict:
     # ---- seeds, model, optimizer
     seed_everything(rcfg.seed + rank)
     policy = build_policy(rcfg, stats, setup.cache)
-    policy.to(accelerator.device)
+    fsdp = rcfg.distributed == "fsdp" and world_size > 1
+    if rcfg.distributed == "fsdp" and world_size == 1:
+        say("train: --distributed fsdp with one process: nothing to shard, training unsharded")
+    if ckpt is not None:  # whole tensors, before sharding (every rank reads the checkpoint)
+        load_trained_weights(policy, ckpt, use_ema=False)
+    # the frozen weights never change (checked after the first steps): fingerprint them once, while whole
+    frozen = frozen_fingerprint(policy) if is_main else None
+    if fsdp:
+        counts = shard_policy(policy, accelerator.device)  # moves the shards to the device
+        say(f"train: FSDP2 over {counts['processes']} processes, {counts['units']} units; "
+            f"{counts['local_parameters']:,} of {counts['total_parameters']:,} parameter values on rank 0")
+    else:
+        policy.to(accelerator.device)
+    reduce_max = all_reduce_max if fsdp else None
     o = rcfg.optim
     optimizer = build_optimizer(policy, rcfg, fused=accelerator.device.type == "cuda")
     check_fp32_trainable(policy)
@@ -413,9 +441,13 @@ def train(cfg: TrainConfig) -> dict:
     ema = EMA(dict(policy.trainable_parameters()), o.ema_decay) if o.ema_decay > 0 else None
     step = 0
     if ckpt is not None:
-        load_trained_weights(policy, ckpt, use_ema=False)
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        # FSDP: every rank reads the whole optimizer state and keeps its shard; memory-mapped, so the host
+        # holds one copy (the page cache), not one per process
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False, mmap=fsdp)
+        if fsdp:
+            load_optimizer_state(policy, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         if ema is not None:
             from safetensors.torch import load_file
@@ -434,7 +466,10 @@ def train(cfg: TrainConfig) -> dict:
         truncate_log(run_dir / VAL_LOG, 0)
         shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    if fsdp:
+        model = policy  # the FSDP2 module itself; the optimizer steps its shards
+    else:
+        model, optimizer = accelerator.prepare(policy, optimizer)
 
     # ---- data
     H, T, K = rcfg.policy.chunk_size, rcfg.policy.world_history, rcfg.policy.world_horizon
@@ -448,7 +483,7 @@ def train(cfg: TrainConfig) -> dict:
                                     num_batches=o.steps * o.grad_accum, grad_accum=o.grad_accum)
     loader = make_loader(train_set, sampler, collate, rcfg.num_workers, rcfg.seed + rank)
     val = None
-    if is_main:
+    if is_main or fsdp:  # FSDP: every rank runs the (sharded) validation forward, rank 0 logs it
         val = _val_data(rcfg, ds, setup, collate, policy, stats)
 
     logger = TrainLogger(run_dir, step, enabled=is_main)
@@ -461,22 +496,29 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.wait_for_everyone()
         rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world_size > 1 else [rng_state()]
         path = None
+        tensors = None
+        if fsdp:  # collectives: every rank takes part, rank 0 receives whole CPU tensors
+            tensors = full_model_state(policy)
+            optim_state = full_optimizer_state(policy, optimizer)
+            ema_state = ema.state_dict() if ema else None
+        elif is_main:
+            optim_state = optimizer.state_dict()
+            ema_state = ema.state_dict() if ema else None
         if is_main:
-            train_state = {"optimizer": optimizer.state_dict(), "step": step, "micro_batches": step * o.grad_accum,
+            train_state = {"optimizer": optim_state, "step": step, "micro_batches": step * o.grad_accum,
                            "rng": rngs, "ema_updates": ema.num_updates if ema else 0, "world_size": world_size}
             world_record = {"spec": setup.cache.spec.to_dict() if setup.cache is not None else None,
                             "latents": str(setup.cache.path) if setup.cache is not None else None,
                             "uses_memory": rcfg.policy.has_memory}
             path = save_checkpoint(run_dir, step, model=policy, config=resolved, stats=stats,
                                    tokenizer=policy.tokenizer, world=world_record, train_state=train_state,
-                                   ema_state=ema.state_dict() if ema else None,
-                                   extra_meta={"experiment": rcfg.experiment, "final": final},
-                                   keep_last=rcfg.keep_checkpoints)
+                                   ema_state=ema_state, extra_meta={"experiment": rcfg.experiment, "final": final},
+                                   keep_last=rcfg.keep_checkpoints, tensors=tensors, frozen=frozen)
         accelerator.wait_for_everyone()
         return path
 
     def run_validation() -> dict | None:
-        if not is_main:
+        if not (is_main or fsdp):
             return None
         extra = ()
         if rcfg.policy.rollout_memory not in (None, rcfg.policy.memory):
@@ -485,7 +527,7 @@ def train(cfg: TrainConfig) -> dict:
         with ctx:
             rec = validate(policy, val, seed=rcfg.seed + 12345, extra_modes=extra)
         rec = {"step": step, **rec}
-        logger.log(VAL_LOG, rec, "val")
+        logger.log(VAL_LOG, rec, "val")  # rank 0 only (the logger is disabled elsewhere)
         say(f"val step {step}: action_mse {rec['action_mse']:.4f} (mean baseline {rec['mean_baseline_mse']:.4f}) "
             f"mae_real {rec['action_mae_real']:.4f} world_loss {rec['world_loss']:.4f}")
         return rec
@@ -510,7 +552,9 @@ def train(cfg: TrainConfig) -> dict:
             weights, shares = global_loss_weights(policy, micro_batches, accelerator)
             for micro, batch in enumerate(micro_batches):
                 sync = micro == o.grad_accum - 1
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)):
+                if fsdp:  # reduce-scatter the gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                with (contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(model)):
                     out = model(batch, loss_weights=weights[micro])
                     loss = out["loss"] / o.grad_accum
                     if not torch.isfinite(out["action_loss"] + out["world_loss"]):
@@ -531,8 +575,12 @@ def train(cfg: TrainConfig) -> dict:
                                                        device=accelerator.device), "mean")
                 diag = dict(zip(keys, vals.tolist()))
             if step < check_until:
-                grads_seen = merge_grad_status(grads_seen, grad_status(policy))
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+                grads_seen = merge_grad_status(grads_seen, grad_status(policy, reduce_max))
+            max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
+            if fsdp:  # DTensor gradients: the norm is the whole model's (reduced over the shards)
+                grad_norm = full(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
+            else:
+                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -540,7 +588,7 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             if step == check_until:
                 allow = STRUCTURALLY_NO_GRAD + (ZERO_MEMORY_NO_GRAD if rcfg.policy.memory == "zero" else ())
-                counts = check_first_step(policy, snapshot, grads_seen, allow)
+                counts = check_first_step(policy, snapshot, grads_seen, allow, reduce_max)
                 check_optimizer_state_fp32(optimizer)
                 say(f"train: first-steps check passed ({counts['trainable_tensors']} trainable tensors received "
                     f"gradients ({counts['small_gradient_tensors']} still tiny), those with Adam-significant "
@@ -600,16 +648,17 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _refuse_sharded_training(accelerator) -> None:
-    """FSDP / DeepSpeed launches are refused: the loop is written for replicated weights (DDP)."""
+    """accelerate's own FSDP / DeepSpeed launches are refused: the loop shards the model itself
+    (`--distributed fsdp`, PyTorch FSDP2), which accelerate's plugins would wrap a second time."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise WmvlaError(
-            f"wmvla train does not support {kind.value} yet: validation runs on rank 0 only (a sharded forward needs "
-            "every rank), the first-steps checks and the checkpoint writer read whole tensors, and resume restores "
-            "an unsharded optimizer state. Launch plain DDP (`accelerate launch --num_processes N` without an "
-            "FSDP/DeepSpeed config, or torchrun); docs/training.md 'Multiple GPUs' lists what FSDP needs.")
+            f"wmvla train does not support {kind.value} through an accelerate config: the loop applies FSDP itself. "
+            "Launch without the FSDP/DeepSpeed config and pass --distributed fsdp, e.g. `torchrun --nproc_per_node 8 "
+            "-m wmvla.cli train --preset libero-2b --distributed fsdp` or `accelerate launch --num_processes 8 -m "
+            "wmvla.cli train ... --distributed fsdp` (docs/training.md 'Multiple GPUs').")
 
 
 def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> ValData:
