@@ -237,9 +237,9 @@ def test_sampler_steps_equal_across_processes_and_accumulation():
 
 
 def test_fsdp_and_deepspeed_launches_are_refused():
-    """The loop assumes replicated weights; an FSDP/DeepSpeed accelerate config must fail loudly, not hang in
-    rank-0-only validation or write parameter shards as a checkpoint. (On CPU accelerate ignores FSDP
-    configs and runs DDP, so this is checked on the decision function.)"""
+    """accelerate's own FSDP/DeepSpeed configs must fail loudly (the loop shards the model itself with
+    `--distributed fsdp`, tests/test_train_fsdp.py; a plugin would wrap it a second time), pointing at that
+    flag. (On CPU accelerate ignores FSDP configs and runs DDP, so this is checked on the decision function.)"""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -248,7 +248,7 @@ def test_fsdp_and_deepspeed_launches_are_refused():
     from wmvla.utils import WmvlaError
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(WmvlaError, match=f"does not support {kind.value}"):
+        with pytest.raises(WmvlaError, match=f"does not support {kind.value}(.|\n)*--distributed fsdp"):
             _refuse_sharded_training(SimpleNamespace(distributed_type=kind))
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         _refuse_sharded_training(SimpleNamespace(distributed_type=kind))
