@@ -2,11 +2,14 @@
 
     python benchmarks/bench_envs.py --env metaworld --workers 1 2
     python benchmarks/bench_envs.py --env libero --suite libero_spatial --workers 1 2 4 8 16 --steps 200
+    python benchmarks/bench_envs.py --env libero --suite libero_spatial --workers 1 16 --render-every 1 5
 
 Each measurement starts N spawned processes (envs created inside them, GL backend set first, as in the
 rollout engine), lets every process create its env and reset, waits at a barrier, then times `steps`
 env steps with random actions (rendering every step, as in closed loop; episodes are reset when they
-end). Per process: steps/s and the time of one render() of all cameras. Aggregate: all steps of all
+end). `--render-every 1 5` also times LIBERO with cameras rendered only every 5th step (the inner steps of an
+action chunk whose images nobody reads: `LiberoEnv.step(a, render=False)`); 1 = every step (default).
+Per process: steps/s and the time of one render() of all cameras. Aggregate: all steps of all
 processes / wall time from the barrier to the last process finishing. `--engine` also times the full
 rollout engine (run_rollouts with a no-op policy and chunked actions), which adds the message round trips,
 in lockstep mode (batch_wait_s None) and in act-on-ready mode (batch_wait_s 0).
@@ -38,6 +41,9 @@ class BenchConfig:
     workers: list[int] = field(default_factory=lambda: [1, 2])
     steps: int = 300
     """timed steps per process."""
+    render_every: list[int] = field(default_factory=lambda: [1])
+    """raw measurement: render the cameras every k-th step (k > 1: LIBERO only, `step(a, render=False)`
+    in between); one measurement per value."""
     image_size: int | None = None
     wrist_camera: bool | None = None
     render_backend: str = "egl"
@@ -51,7 +57,8 @@ class BenchConfig:
                          render_backend=self.render_backend, metaworld=self.metaworld)
 
 
-def _bench_process(env_cfg: EnvConfig, task: str, steps: int, lp_threads: int, barrier, queue) -> None:
+def _bench_process(env_cfg: EnvConfig, task: str, steps: int, lp_threads: int, render_every: int, barrier,
+                   queue) -> None:
     os.environ["MUJOCO_GL"] = os.environ["PYOPENGL_PLATFORM"] = env_cfg.render_backend
     os.environ.setdefault("LP_NUM_THREADS", str(lp_threads))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -65,8 +72,9 @@ def _bench_process(env_cfg: EnvConfig, task: str, steps: int, lp_threads: int, b
     barrier.wait()
     t0 = time.perf_counter()
     resets = 0
-    for _ in range(steps):
-        res = env.step(rng.uniform(-1, 1, dim).astype(np.float32))
+    for i in range(steps):
+        action = rng.uniform(-1, 1, dim).astype(np.float32)
+        res = env.step(action) if render_every == 1 else env.step(action, render=(i + 1) % render_every == 0)
         if res.done:
             init = (init + 1) % env.num_init_states
             env.reset(init)
@@ -82,11 +90,13 @@ def _bench_process(env_cfg: EnvConfig, task: str, steps: int, lp_threads: int, b
     queue.put({"steps": steps, "seconds": t1 - t0, "start": t0, "end": t1, "resets": resets, "render_s": render_s})
 
 
-def bench_raw(env_cfg: EnvConfig, task: str, workers: int, steps: int) -> dict:
+def bench_raw(env_cfg: EnvConfig, task: str, workers: int, steps: int, render_every: int = 1) -> dict:
+    if render_every < 1 or (render_every > 1 and env_cfg.env != "libero"):
+        raise SystemExit(f"--render-every {render_every}: must be >= 1, and > 1 only for libero")
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(workers), ctx.Queue()
     lp_threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [ctx.Process(target=_bench_process, args=(env_cfg, task, steps, lp_threads, barrier, queue))
+    procs = [ctx.Process(target=_bench_process, args=(env_cfg, task, steps, lp_threads, render_every, barrier, queue))
              for _ in range(workers)]
     for p in procs:
         p.start()
@@ -98,6 +108,7 @@ def bench_raw(env_cfg: EnvConfig, task: str, workers: int, steps: int) -> dict:
     renders = [r["render_s"] for r in results if r["render_s"] is not None]
     return {
         "workers": workers,
+        "render_every": render_every,
         "steps_per_s_per_process": round(float(np.mean(per)), 1),
         "steps_per_s_aggregate": round(sum(r["steps"] for r in results) / wall, 1),
         "render_ms": round(1000 * float(np.mean(renders)), 2) if renders else None,
@@ -134,6 +145,12 @@ def bench_engine(env_cfg: EnvConfig, task: str, workers: int, replan_steps: int,
             "steps_per_s_after_startup": round(steps / running, 1)}
 
 
+def _progress(result: dict) -> dict:
+    """Each measurement also goes to stderr as it completes (kept if a later one is cut off)."""
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
 def main(cfg: BenchConfig) -> dict:
     env_cfg = cfg.env_config()
     task = resolve_tasks(env_cfg, cfg.task)[0]
@@ -142,13 +159,13 @@ def main(cfg: BenchConfig) -> dict:
         "wrist_camera": env_cfg.use_wrist_camera, "render_backend": cfg.render_backend,
         "steps_per_process": cfg.steps, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "raw": [bench_raw(env_cfg, task, w, cfg.steps) for w in cfg.workers],
+        "raw": [_progress(bench_raw(env_cfg, task, w, cfg.steps, k)) for k in cfg.render_every for w in cfg.workers],
     }
     if cfg.env == "metaworld":
         out["metaworld_render"] = {k: getattr(cfg.metaworld, k) for k in
                                    ("camera", "shadow_map_size", "offscreen_samples", "shadows")}
     if cfg.engine:
-        out["engine"] = [bench_engine(env_cfg, task, w, cfg.replan_steps, b) for w in cfg.workers
+        out["engine"] = [_progress(bench_engine(env_cfg, task, w, cfg.replan_steps, b)) for w in cfg.workers
                          for b in (None, 0.0)]
     return out
 
