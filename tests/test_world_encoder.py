@@ -132,6 +132,17 @@ def test_online_encoder_equals_clamped_clips(tiny):
     with pytest.raises(WmvlaError, match="does not match the spec"):
         OnlineWorldEncoder(dataclasses.replace(tiny.spec, window=1), encoder=tiny)
 
+    # a whole round at once (the executed steps of a chunk per slot, different counts, batches split by
+    # max_batch) gives the same latents as pushing frame by frame
+    seq = OnlineWorldEncoder(tiny.spec, num_slots=2, encoder=tiny)
+    first = seq.push_sequences([0, 1], [list(ep_a[:3]), list(ep_b[:1])], max_batch=3)
+    second = seq.push_sequences([1, 0], [list(ep_b[1:3]), list(ep_a[3:5])], max_batch=3)
+    assert [z.shape[0] for z in first + second] == [3, 1, 2, 2]
+    assert np.allclose(np.concatenate([first[0], second[1]]), want_a, atol=1e-5)
+    assert np.allclose(np.concatenate([first[1], second[0]]), want_b, atol=1e-5)
+    with pytest.raises(WmvlaError, match="frames of camera"):
+        seq.push_sequences([0], [[np.zeros((32, 32, 3), np.float32)]])
+
 
 def test_spec_mismatches_treat_unset_fields_as_wildcards(tiny):
     want = WorldEncoderSpec(encoder="tiny", window=4)

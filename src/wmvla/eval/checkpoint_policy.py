@@ -141,15 +141,14 @@ class WorldCheckpointPolicy(CheckpointPolicy):
             if slot not in self.histories:
                 raise WmvlaError(f"act for slot {slot} before reset")
             self.pending[slot].append(self._frame(obs))
-        # Encode queued frames round by round: one batched encoder call per round, per-slot order kept.
-        while True:
-            ready = [s for s in slots if self.pending[s]]
-            if not ready:
-                break
-            frames = [self.pending[s].pop(0) for s in ready]
+        # Every queued frame of every slot (the executed steps of the last chunk + this observation) in one
+        # batched encoder call; the clips are still built in order per slot.
+        ready = [s for s in slots if self.pending[s]]
+        per_slot = self.online.push_sequences(ready, [self.pending[s] for s in ready])
+        for s, latents in zip(ready, per_slot):
+            self.pending[s] = []
             # round to the cache's storage dtype: training saw float16-stored latents, rollout sees the same values
-            latents = self.online.push_many(ready, frames).astype(np.float16).astype(np.float32)
-            for s, z in zip(ready, latents):
+            for z in latents.astype(np.float16).astype(np.float32):
                 self.latest[s] = self.histories[s].push(z)  # the last T latents, oldest first
         return np.stack([np.stack(self.latest[s]) for s in slots]).astype(np.float32)
 
