@@ -15,3 +15,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The training tests' dataset (read only): a small LIBERO-schema v3.0 dataset (8 episodes, 32 px) and its
+    tiny world latents (m=2). Built once per session for tests/test_train_*.py."""
+    from wmvla.data.fixtures import make_libero_like
+    from wmvla.data.lerobot import LeRobotDataset
+    from wmvla.world.cache import precompute_latents
+    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
+
+    root = tmp_path_factory.mktemp("train_data")
+    ds_path = make_libero_like(root / "ds", layout="v3_png", episodes=8, image_size=32, min_length=10, max_length=16)
+    ds = LeRobotDataset.open(ds_path)
+    enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=2, image_size=32), "cpu")
+    cache = precompute_latents(ds, enc, root / "lat.npy", batch_size=64, log=lambda *a: None)
+    return {"dataset": str(ds_path), "latents": str(cache.path)}

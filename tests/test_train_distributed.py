@@ -35,8 +35,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_loop import _losses, data, tiny_cfg  # noqa: F401  (data: the module-scoped dataset fixture)
-from wmvla.train.config import OptimConfig, get_preset
+from test_train_loop import _losses, tiny_cfg
+from wmvla.train.config import get_preset
 from wmvla.train.loop import train
 from wmvla.train.sampler import ResumableBatchSampler
 from wmvla.utils import read_jsonl
@@ -179,12 +179,18 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(data, tm
 
     # the DDP checkpoint loads in one process through evaluation's rebuild path and acts like the
     # single-process one
+    pol_2 = assert_checkpoints_act_alike(run_1, run_2)
+    assert pol_2.rollout_memory == "pred" and pol_2.describe()["experiment"] == "E2"
+    print(f"ddp run {t_ddp:.1f} s")
+
+
+def assert_checkpoints_act_alike(run_1, run_2, atol: float = 1e-3):
+    """Both checkpoints rebuilt through evaluation's path (load_checkpoint_policy) give the same action chunks
+    for the same two observations; returns the second policy."""
     from wmvla.eval.checkpoint_policy import load_checkpoint_policy
     from wmvla.policy.tiny import random_observation
 
-    pol_2 = load_checkpoint_policy(run_2, None, "cpu", seed=0, print_prompt=False)
-    pol_1 = load_checkpoint_policy(run_1, None, "cpu", seed=0, print_prompt=False)
-    assert pol_2.rollout_memory == "pred" and pol_2.describe()["experiment"] == "E2"
+    pol_1, pol_2 = (load_checkpoint_policy(r, None, "cpu", seed=0, print_prompt=False) for r in (run_1, run_2))
     obs = [random_observation(pol_2.policy.cfg, seed=i, image_hw=32) for i in range(2)]
     for p in (pol_1, pol_2):
         for slot in range(2):
@@ -192,8 +198,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(data, tm
     a1 = pol_1.act([0, 1], obs, ["pick up the bowl"] * 2)
     a2 = pol_2.act([0, 1], obs, ["pick up the bowl"] * 2)
     for x, y in zip(a1, a2):
-        np.testing.assert_allclose(y, x, atol=1e-3)
-    print(f"ddp run {t_ddp:.1f} s")
+        np.testing.assert_allclose(y, x, atol=atol)
+    return pol_2
 
 
 def _initial_trainable(cfg) -> dict[str, torch.Tensor]:

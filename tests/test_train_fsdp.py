@@ -32,8 +32,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_distributed import RUN, _free_port, _initial_trainable, _launch_ddp
-from test_train_loop import _losses, data, tiny_cfg  # noqa: F401  (data: the module-scoped dataset fixture)
+from test_train_distributed import RUN, _free_port, _initial_trainable, _launch_ddp, assert_checkpoints_act_alike
+from test_train_loop import _losses, tiny_cfg
 from wmvla.train.config import get_preset
 from wmvla.train.loop import train
 from wmvla.utils import read_jsonl
@@ -118,18 +118,7 @@ def test_fsdp_two_processes_equal_one_process_and_checkpoint_loads_in_one(data, 
 
     # the FSDP checkpoint loads in one process through evaluation's rebuild path and acts like the
     # single-process one
-    from wmvla.eval.checkpoint_policy import load_checkpoint_policy
-    from wmvla.policy.tiny import random_observation
-
-    pol_1, pol_2 = (load_checkpoint_policy(r, None, "cpu", seed=0, print_prompt=False) for r in (run_1, run_2))
-    obs = [random_observation(pol_2.policy.cfg, seed=i, image_hw=32) for i in range(2)]
-    for p in (pol_1, pol_2):
-        for slot in range(2):
-            p.reset(slot, "task", "pick up the bowl")
-    a1 = pol_1.act([0, 1], obs, ["pick up the bowl"] * 2)
-    a2 = pol_2.act([0, 1], obs, ["pick up the bowl"] * 2)
-    for x, y in zip(a1, a2):
-        np.testing.assert_allclose(y, x, atol=1e-3)
+    assert_checkpoints_act_alike(run_1, run_2)
 
 
 def test_fsdp_resume_after_stop_continues_exactly(data, fsdp_run, tmp_path):

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,20 +27,6 @@ from wmvla.train.config import OptimConfig, get_preset
 from wmvla.train.loop import train
 from wmvla.utils import WmvlaError, read_jsonl
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from wmvla.data.fixtures import make_libero_like
-    from wmvla.data.lerobot import LeRobotDataset
-    from wmvla.world.cache import precompute_latents
-    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
-
-    root = tmp_path_factory.mktemp("train_data")
-    ds_path = make_libero_like(root / "ds", layout="v3_png", episodes=8, image_size=32, min_length=10, max_length=16)
-    ds = LeRobotDataset.open(ds_path)
-    enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=2, image_size=32), "cpu")
-    cache = precompute_latents(ds, enc, root / "lat.npy", batch_size=64, log=lambda *a: None)
-    return {"dataset": str(ds_path), "latents": str(cache.path)}
 
 
 def tiny_cfg(data, out_root, **changes):
