@@ -64,11 +64,9 @@ from wmvla.train.rundir import (
 from wmvla.utils import WmvlaError, atomic_write_json, seed_everything, to_jsonable
 
 FIRST_CHECK_STEPS = 3
-# Trainable parameters whose gradient is zero by construction (allowed in the first-steps check):
-# the memory attention's key bias adds the same q.b to every logit of a query, which softmax cancels
-# (numerically ~1e-12 or exactly 0); with zero memory (E1) the memory input projection's weight
-# multiplies zeros.
-STRUCTURALLY_NO_GRAD = ("*memory.k_proj.bias",)
+# Trainable parameters whose gradient is zero by construction (allowed in the first-steps check): with zero
+# memory (E1) the memory input projection's weight multiplies zeros. (The memory attention's key projection
+# has no bias, which softmax would cancel, so nothing else is exempt.)
 ZERO_MEMORY_NO_GRAD = ("*memory.mem_proj.weight",)
 NO_DECAY_SUFFIXES = ("act_weight", "step_embed", "time_embed", "future_query", ".pos", "gate")
 
@@ -587,7 +585,7 @@ def train(cfg: TrainConfig) -> dict:
                 ema.update()
             step += 1
             if step == check_until:
-                allow = STRUCTURALLY_NO_GRAD + (ZERO_MEMORY_NO_GRAD if rcfg.policy.memory == "zero" else ())
+                allow = ZERO_MEMORY_NO_GRAD if rcfg.policy.memory == "zero" else ()
                 counts = check_first_step(policy, snapshot, grads_seen, allow, reduce_max)
                 check_optimizer_state_fp32(optimizer)
                 say(f"train: first-steps check passed ({counts['trainable_tensors']} trainable tensors received "
