@@ -1,4 +1,4 @@
-"""`wmvla demo`: the whole study, offline, on a CPU machine, in about 15 minutes.
+"""`wmvla demo`: the whole study, offline, on a CPU machine, in 4-6 minutes on 2 cores (the budget is 15).
 
     wmvla demo                      # a fresh folder ./wmvla-demo-<date>-<time>
     wmvla demo --out runs/demo      # the same folder again resumes / reuses every finished part
