@@ -11,7 +11,8 @@
 # Settings (environment):
 #   envs stage: PARTS ("glinfo profile libero envs"), ENV_WORKERS ("1 4 8 16"), RENDER_EVERY ("1 5"),
 #               STEPS per process (300), ENVS_LIMIT_S (350)
-#   eval stage: WORKERS (16), EPISODES per task (20), MODES ("pred zero"), TASKS and MAX_STEPS (default: all tasks,
+#   eval stage: WORKERS (16), EPISODES per task (20), MODES ("pred zero"; MODE@WAIT runs the engine act-on-ready
+#               with --batch-wait-s WAIT, e.g. "pred pred@0"), TASKS and MAX_STEPS (default: all tasks,
 #               the suite's max steps), SHAPES of the checkpoint (2b | tiny), EVAL_LIMIT_S per eval (200),
 #               CKPT_LIMIT_S (200), ACT_LIMIT_S (120; 0 skips the policy-alone timing)
 #   both: SUITE (libero_spatial), PYTHON (python3), RUN_WRAPPER (benchmarks/run_gpu_libero.sh; "env" runs with the
@@ -55,20 +56,24 @@ eval)
   timeout "${CKPT_LIMIT_S:-200}" $R $PY benchmarks/make_eval_checkpoint.py --out "$CK" --shapes "${SHAPES:-2b}" --experiment E2 \
     2>"$raw/checkpoint.err" | tee "$OUT/checkpoint.json"
   echo "checkpoint written in $((SECONDS - t0)) s"
-  for mode in ${MODES:-pred zero}; do
-    ev=$raw/eval_$mode
+  for run in ${MODES:-pred zero}; do
+    # a run is MODE or MODE@WAIT: WAIT = the engine's --batch-wait-s (act on the ready slots, so env steps
+    # overlap the policy call) instead of lockstep
+    mode=${run%@*}; wait_arg=(); [[ $run == *@* ]] && wait_arg=(--batch-wait-s "${run#*@}")
+    run=${run/@/_wait}
+    ev=$raw/eval_$run
     mkdir -p "$ev"
     # episodes finished over time (the engine appends one line per finished episode)
     ( while sleep 1; do echo "$(date +%s.%N) $(cat "$ev/episodes.jsonl" 2>/dev/null | wc -l)"; done ) > "$ev/progress.log" &
     sampler=$!
     start=$(date +%s.%N)
     timeout "${EVAL_LIMIT_S:-200}" $R $PY -m wmvla.cli eval --env libero --suite "$SUITE" \
-      --episodes "${EPISODES:-20}" --workers "$WORKERS" --checkpoint "$CK/run" --rollout-memory "$mode" \
+      --episodes "${EPISODES:-20}" --workers "$WORKERS" --checkpoint "$CK/run" --rollout-memory "$mode" "${wait_arg[@]}" \
       ${TASKS:+--tasks "$TASKS"} ${MAX_STEPS:+--max-steps "$MAX_STEPS"} --out "$ev" --no-progress 2>&1 | while IFS= read -r line; do echo "$(date +%s.%N) $line"; done > "$ev/eval.log"
     rc=${PIPESTATUS[0]}
     end=$(date +%s.%N)
     kill "$sampler" 2>/dev/null
-    $PY - "$ev" "$start" "$end" "$rc" "$mode" <<'EOF' | tee "$OUT/eval_$mode.json"
+    $PY - "$ev" "$start" "$end" "$rc" "$run" <<'EOF' | tee "$OUT/eval_$run.json"
 import json, sys
 from pathlib import Path
 ev, start, end, rc, mode = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
