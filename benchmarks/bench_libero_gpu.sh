@@ -12,7 +12,7 @@
 #   envs stage: PARTS ("glinfo profile libero envs"), ENV_WORKERS ("1 4 8 16"), RENDER_EVERY ("1 5"),
 #               STEPS per process (300), ENVS_LIMIT_S (350)
 #   eval stage: WORKERS (16), EPISODES per task (20), MODES ("pred zero"; MODE@WAIT runs the engine act-on-ready
-#               with --batch-wait-s WAIT, e.g. "pred pred@0"), TASKS and MAX_STEPS (default: all tasks,
+#               with --batch-wait-s WAIT, MODE:gN in N lockstep groups, e.g. "pred pred@0 pred:g2"), TASKS and MAX_STEPS (default: all tasks,
 #               the suite's max steps), SHAPES of the checkpoint (2b | tiny), EVAL_LIMIT_S per eval (200),
 #               CKPT_LIMIT_S (200), ACT_LIMIT_S (120; 0 skips the policy-alone timing)
 #   both: SUITE (libero_spatial), PYTHON (python3), RUN_WRAPPER (benchmarks/run_gpu_libero.sh; "env" runs with the
@@ -57,10 +57,12 @@ eval)
     2>"$raw/checkpoint.err" | tee "$OUT/checkpoint.json"
   echo "checkpoint written in $((SECONDS - t0)) s"
   for run in ${MODES:-pred zero}; do
-    # a run is MODE or MODE@WAIT: WAIT = the engine's --batch-wait-s (act on the ready slots, so env steps
-    # overlap the policy call) instead of lockstep
-    mode=${run%@*}; wait_arg=(); [[ $run == *@* ]] && wait_arg=(--batch-wait-s "${run#*@}")
-    run=${run/@/_wait}
+    # a run is MODE, MODE@WAIT (the engine's --batch-wait-s WAIT: act on the ready slots instead of lockstep)
+    # or MODE:gN (lockstep in N groups taking turns: --groups N)
+    mode=${run%%[@:]*}; wait_arg=()
+    [[ $run == *@* ]] && wait_arg=(--batch-wait-s "${run#*@}")
+    [[ $run == *:g* ]] && wait_arg=(--groups "${run#*:g}")
+    run=${run/@/_wait}; run=${run/:g/_groups}
     ev=$raw/eval_$run
     mkdir -p "$ev"
     # episodes finished over time (the engine appends one line per finished episode)

@@ -250,3 +250,9 @@ def test_async_batching_gives_the_same_episodes(tmp_path):
                         EngineConfig(workers=2, progress=False, batch_wait_s=0.0))
     assert [(r["success"], r["steps"]) for r in free] == [(r["success"], r["steps"]) for r in lock]
     assert all(r["success"] for r in free) and policy.resets == 6
+    # two lockstep groups taking turns (one slot each): also the same episodes, and every policy call sees
+    # exactly one group
+    grouped = Recorder(ExpertPolicy(cfg), image_size=64)
+    piped = run_rollouts(cfg, grouped, episodes, tmp_path / "groups", EngineConfig(workers=2, progress=False, groups=2))
+    assert [(r["success"], r["steps"]) for r in piped] == [(r["success"], r["steps"]) for r in lock]
+    assert grouped.batch_sizes and set(grouped.batch_sizes) == {1}

@@ -91,6 +91,9 @@ class EvalConfig:
     batch_wait_s: float | None = None
     """None = lockstep policy calls over all workers (default); a number = act on the ready slots after
     waiting at most this long for more (faster with cheap policies and many workers)."""
+    groups: int = 1
+    """lockstep: slots split into this many fixed groups that take turns, so the envs of the other groups
+    step while the policy acts for one (deterministic; results do not depend on it)."""
     progress: bool = True
     num_shards: int | None = None
     """split the episodes over N processes (each runs this command with its --shard-index; they share --out);
@@ -110,7 +113,7 @@ class EvalConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(workers=self.workers, replan_steps=self.replan_steps, videos=self.videos,
-                            progress=self.progress, batch_wait_s=self.batch_wait_s)
+                            progress=self.progress, batch_wait_s=self.batch_wait_s, groups=self.groups)
 
 
 def result_config(env_cfg: EnvConfig, tasks: list[str], init_indices: list[int], engine: EngineConfig,
@@ -138,7 +141,7 @@ def result_config(env_cfg: EnvConfig, tasks: list[str], init_indices: list[int],
         "condition": condition,
         "policy": policy,
         "env_config": env,
-        "engine": {"workers": engine.workers, "batch_wait_s": engine.batch_wait_s},
+        "engine": {"workers": engine.workers, "batch_wait_s": engine.batch_wait_s, "groups": engine.groups},
     }
 
 

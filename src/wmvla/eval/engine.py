@@ -45,7 +45,7 @@ EPISODES_FILE = "episodes.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 # Settings that may change between a run and its resumption without changing any episode's result.
 RESUME_IGNORED_KEYS = ("tasks", "episodes", "episodes_per_task", "init_indices", "workers", "videos",
-                       "max_steps_per_task", "progress", "batch_wait_s")
+                       "max_steps_per_task", "progress", "batch_wait_s", "groups")
 
 
 class BatchPolicy(Protocol):
@@ -81,6 +81,10 @@ class EngineConfig:
     is expensive, e.g. a VLA on a GPU). A number = call the policy on the slots that are ready, after
     waiting at most this long for more to arrive (0: never wait; best when envs dominate, e.g. scripted
     policies or fast envs with many workers). Results do not depend on it."""
+    groups: int = 1
+    """lockstep only: split the slots into this many fixed groups that take turns (deterministic, like
+    lockstep): while the policy acts for one group, the other groups' envs execute their chunks, so env
+    stepping overlaps the policy call. 1 = all slots in one batch. Results do not depend on it."""
     worker_timeout_s: float = 600.0
     """a worker silent for this long is killed (its episode is retried once, then recorded as failed)."""
     max_worker_restarts: int = 3
@@ -501,13 +505,20 @@ def run_rollouts(
                 handle_reply(slot, slot.worker.recv(0.0))  # arrived (or past its deadline: killed)
             return len(got)
 
+        n_groups = max(1, min(engine.groups, len(slots)))
+        groups = [slots[g::n_groups] for g in range(n_groups)]
+        turn = 0
         while any(s.spec is not None for s in slots):
+            members = slots
             if engine.batch_wait_s is None:
-                # lockstep: every outstanding reply, handled in slot order, so that which slot runs which
-                # episode and the composition of every batch do not depend on timing (new episodes started
-                # on the way are collected too)
-                while any(s.awaiting for s in slots):
-                    for slot in slots:
+                # lockstep: every outstanding reply of the group whose turn it is, handled in slot order, so
+                # that which slot runs which episode and the composition of every batch do not depend on
+                # timing (new episodes started on the way are collected too). With several groups the
+                # others keep stepping meanwhile.
+                members = groups[turn]
+                turn = (turn + 1) % n_groups
+                while any(s.awaiting for s in members):
+                    for slot in members:
                         if slot.awaiting:
                             wait = max(0.0, slot.sent_at + engine.worker_timeout_s - time.perf_counter())
                             handle_reply(slot, slot.worker.recv(wait))
@@ -519,7 +530,7 @@ def run_rollouts(
                 while any(s.awaiting for s in slots):
                     if collect(max(0.0, deadline - time.perf_counter())) == 0 and time.perf_counter() >= deadline:
                         break
-            ready = [s for s in slots if s.spec is not None and s.obs is not None]
+            ready = [s for s in members if s.spec is not None and s.obs is not None]
             if not ready:
                 continue
             chunks = policy.act([s.index for s in ready], [s.obs for s in ready], [s.instruction for s in ready])
