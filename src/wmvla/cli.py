@@ -65,13 +65,14 @@ def _preset_default(module, name: str, rest: list[str]):
     presets = getattr(module, "PRESETS", None)
     if not presets:
         return None, rest
-    for i, arg in enumerate(rest):
-        if arg == "--preset" or arg.startswith("--preset="):
-            value = arg.split("=", 1)[1] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else None)
-            if value not in presets:
-                raise SystemExit(f"wmvla {name}: --preset expects one of {sorted(presets)}, got {value!r}")
-            return presets[value](), rest[:i] + rest[i + (1 if "=" in arg else 2):]
-    return None, rest
+    if rest and rest[-1] == "--preset":
+        raise SystemExit(f"wmvla {name}: --preset expects one of {sorted(presets)}, got None")
+    value, rest = _pop_option(rest, "--preset")
+    if value is None:
+        return None, rest
+    if value not in presets:
+        raise SystemExit(f"wmvla {name}: --preset expects one of {sorted(presets)}, got {value!r}")
+    return presets[value](), rest
 
 
 def _pop_option(rest: list[str], flag: str) -> tuple[str | None, list[str]]:

@@ -288,8 +288,7 @@ class _InlineWorker:
     def close(self) -> None:
         self.runner.close()
 
-    def request_close(self) -> None:
-        self.runner.close()
+    request_close = close  # in-process: closing is immediate
 
     def wait_closed(self, deadline: float) -> None:
         pass

@@ -378,27 +378,9 @@ class OnlineWorldEncoder:
         """Add the newest frame (uint8 [H, W, 3]) of the episode in `slot`; return its latent float32 [D]."""
         return self.push_many([slot], [frame])[0]
 
-    def _check_frames(self, frames: Sequence[np.ndarray]) -> None:
-        want = self.spec.frame_shape
-        for f in frames:
-            f = np.asarray(f)
-            if f.dtype != np.uint8 or f.ndim != 3 or f.shape[-1] != 3 or (want is not None and f.shape[:2] != want):
-                raise WmvlaError(
-                    f"world encoder got a frame {f.dtype} {f.shape}; the latents were computed from uint8 "
-                    f"{(*want, 3) if want else '[H, W, 3]'} frames of camera {self.spec.camera_key!r}. Fix: render "
-                    "that camera at the dataset's resolution and orientation (a resize here would change the latents)."
-                )
-
-    @torch.no_grad()
     def push_many(self, slots: Sequence[int], frames: Sequence[np.ndarray]) -> np.ndarray:
         """One frame per slot, encoded as one batch -> float32 [len(slots), D]."""
-        if len(set(slots)) != len(slots):
-            raise WmvlaError(f"push_many: each slot at most once per call, got {list(slots)}.")
-        frames = [np.asarray(f) for f in frames]
-        self._check_frames(frames)
-        pre = self.encoder.preprocess_frames(np.stack(frames))
-        clips = [self.buffers[s].push(pre[i]) for i, s in enumerate(slots)]
-        return self.encoder.encode_preprocessed(self.encoder.stack_clips(clips)).cpu().numpy()
+        return np.concatenate(self.push_sequences(slots, [[f] for f in frames]))
 
     @torch.no_grad()
     def push_sequences(self, slots: Sequence[int], frame_lists: Sequence[Sequence[np.ndarray]],
@@ -408,13 +390,20 @@ class OnlineWorldEncoder:
         together in batches of up to `max_batch` clips: one encoder call for a whole round of a rollout
         instead of one per executed step (the encoder is most of the policy's cost in closed loop)."""
         if len(set(slots)) != len(slots):
-            raise WmvlaError(f"push_sequences: each slot at most once per call, got {list(slots)}.")
+            raise WmvlaError(f"push_many/push_sequences: each slot at most once per call, got {list(slots)}.")
         counts = [len(f) for f in frame_lists]
-        flat = [f for frames in frame_lists for f in frames]
+        flat = [np.asarray(f) for frames in frame_lists for f in frames]
         if not flat:
             return [np.zeros((0, self.spec.dim or 0), np.float32) for _ in slots]
-        self._check_frames(flat)
-        pre = self.encoder.preprocess_frames(np.stack([np.asarray(f) for f in flat]))
+        want = self.spec.frame_shape
+        for f in flat:
+            if f.dtype != np.uint8 or f.ndim != 3 or f.shape[-1] != 3 or (want is not None and f.shape[:2] != want):
+                raise WmvlaError(
+                    f"world encoder got a frame {f.dtype} {f.shape}; the latents were computed from uint8 "
+                    f"{(*want, 3) if want else '[H, W, 3]'} frames of camera {self.spec.camera_key!r}. Fix: render "
+                    "that camera at the dataset's resolution and orientation (a resize here would change the latents)."
+                )
+        pre = self.encoder.preprocess_frames(np.stack(flat))
         clips, i = [], 0
         for s, n in zip(slots, counts):
             for _ in range(n):
