@@ -20,28 +20,21 @@ pytestmark = pytest.mark.libero
 
 
 @pytest.fixture(scope="module")
-def libero_checkpoint(tmp_path_factory):
-    from wmvla.data.fixtures import make_libero_like
-    from wmvla.data.lerobot import LeRobotDataset
+def libero_checkpoint(data, tmp_path_factory):
+    """An E2 checkpoint trained briefly on the session's LIBERO-schema dataset (32 px, tests/conftest.py)."""
     from wmvla.train.config import get_preset
     from wmvla.train.loop import train
-    from wmvla.world.cache import precompute_latents
-    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
 
-    root = tmp_path_factory.mktemp("libero_ckpt")
-    ds_path = make_libero_like(root / "ds", layout="v3_png", episodes=6, image_size=64, min_length=10, max_length=16)
-    spec = WorldEncoderSpec(encoder="tiny", window=2, image_size=32)
-    cache = precompute_latents(LeRobotDataset.open(ds_path), build_world_encoder(spec, "cpu"), root / "lat.npy",
-                               batch_size=64, log=lambda *a: None)
     cfg = get_preset("tiny")
-    cfg = dataclasses.replace(cfg, dataset=str(ds_path), latents=str(cache.path), out_root=str(root / "runs"),
-                              experiment="E2", optim=dataclasses.replace(cfg.optim, steps=4))
+    cfg = dataclasses.replace(cfg, dataset=data["dataset"], latents=data["latents"],
+                              out_root=str(tmp_path_factory.mktemp("libero_ckpt") / "runs"), experiment="E2",
+                              optim=dataclasses.replace(cfg.optim, steps=4))
     return train(cfg)["run_dir"]
 
 
 def test_checkpoint_runs_in_libero_with_predicted_memory(libero_checkpoint, tmp_path, capsys):
     args = ["eval", "--env", "libero", "--suite", "libero_spatial", "--tasks", "0", "--episodes", "2",
-            "--workers", "1", "--max-steps", "15", "--image-size", "64", "--checkpoint", libero_checkpoint,
+            "--workers", "1", "--max-steps", "15", "--image-size", "32", "--checkpoint", libero_checkpoint,
             "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -59,10 +52,10 @@ def test_checkpoint_runs_in_libero_with_predicted_memory(libero_checkpoint, tmp_
 
 
 def test_camera_resolution_other_than_the_latents_is_refused(libero_checkpoint, tmp_path, capsys):
-    # LIBERO renders 256 px by default; the latents came from 64 px frames: resizing would change the latents
+    # LIBERO renders 256 px by default; the latents came from 32 px frames: resizing would change the latents
     args = ["eval", "--env", "libero", "--suite", "libero_spatial", "--tasks", "0", "--episodes", "1",
             "--workers", "1", "--max-steps", "3", "--checkpoint", libero_checkpoint, "--no-progress",
             "--out", str(tmp_path / "e256")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "(256, 256, 3)" in err and "(64, 64, 3)" in err and "render that camera at the dataset's resolution" in err
+    assert "(256, 256, 3)" in err and "(32, 32, 3)" in err and "render that camera at the dataset's resolution" in err
