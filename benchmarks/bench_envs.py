@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
-from wmvla.envs.registry import EnvConfig, MetaWorldSettings, resolve_tasks
+from vla_core.envs.registry import EnvConfig, MetaWorldSettings, resolve_tasks
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _bench_process(env_cfg: EnvConfig, task: str, steps: int, lp_threads: int, r
     os.environ["MUJOCO_GL"] = os.environ["PYOPENGL_PLATFORM"] = env_cfg.render_backend
     os.environ.setdefault("LP_NUM_THREADS", str(lp_threads))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from wmvla.envs.registry import action_dim, make_env
+    from vla_core.envs.registry import action_dim, make_env
 
     env = make_env(env_cfg, task)
     rng = np.random.default_rng(os.getpid())
@@ -117,9 +117,9 @@ def bench_raw(env_cfg: EnvConfig, task: str, workers: int, steps: int, render_ev
 
 
 def bench_engine(env_cfg: EnvConfig, task: str, workers: int, replan_steps: int, batch_wait_s: float | None) -> dict:
-    from wmvla.envs.registry import default_max_steps
-    from wmvla.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
-    from wmvla.eval.scripted import NoopPolicy
+    from vla_core.envs.registry import default_max_steps
+    from vla_core.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
+    from vla_core.eval.scripted import NoopPolicy
 
     class TimedNoop(NoopPolicy):
         first_act: float | None = None

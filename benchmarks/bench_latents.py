@@ -6,7 +6,7 @@
 
 Both numbers come from the same run and the same encoder object:
 - encoder alone: `WorldEncoder.encode_preprocessed` on pre-made preprocessed clips already on the device;
-- end to end: `wmvla.world.cache.precompute_latents` over a LIBERO-like fixture dataset it generates
+- end to end: `vla_core.world.cache.precompute_latents` over a LIBERO-like fixture dataset it generates
   (256 px frames, episodes of ~150 steps), DataLoader workers decoding, per-frame preprocessing on the
   device, ClipBuffer clips, fp16 memmap writes, the final NaN scan and statistics; wall clock from the call
   to its return, worker start-up included.
@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wmvla.world.cache import _BlockReader, precompute_latents  # noqa: E402
-from wmvla.world.encoder import WorldEncoder, WorldEncoderSpec, build_world_encoder  # noqa: E402
+from vla_core.world.cache import _BlockReader, precompute_latents  # noqa: E402
+from vla_core.world.encoder import WorldEncoder, WorldEncoderSpec, build_world_encoder  # noqa: E402
 
 # V-JEPA 2 encoder shapes (facebook/vjepa2-vitl-fpc64-256 and -vitg-fpc64-256; vit_giant_xformers in the
 # original code: 1408 wide, 40 layers, 22 heads, MLP ratio 48/11). The predictor is kept small: it is
@@ -115,8 +115,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    from wmvla.data.fixtures import make_libero_like
-    from wmvla.data.lerobot import LeRobotDataset
+    from vla_core.data.fixtures import make_libero_like
+    from vla_core.data.lerobot import LeRobotDataset
 
     with tempfile.TemporaryDirectory(prefix="bench_latents_") as tmp:
         t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def _timed(fn, n: int) -> tuple[float, float]:
 
 
 def main(cfg: Config) -> dict:
-    from wmvla.envs.registry import EnvConfig, LiberoSettings, configure_gl, make_env, resolve_tasks
+    from vla_core.envs.registry import EnvConfig, LiberoSettings, configure_gl, make_env, resolve_tasks
 
     configure_gl(cfg.render_backend)
     load_before = os.getloadavg()

@@ -69,7 +69,7 @@ eval)
     ( while sleep 1; do echo "$(date +%s.%N) $(cat "$ev/episodes.jsonl" 2>/dev/null | wc -l)"; done ) > "$ev/progress.log" &
     sampler=$!
     start=$(date +%s.%N)
-    timeout "${EVAL_LIMIT_S:-200}" $R $PY -m wmvla.cli eval --env libero --suite "$SUITE" \
+    timeout "${EVAL_LIMIT_S:-200}" $R $PY -m vla_core.cli eval --env libero --suite "$SUITE" \
       --episodes "${EPISODES:-20}" --workers "$WORKERS" --checkpoint "$CK/run" --rollout-memory "$mode" "${wait_arg[@]}" \
       ${TASKS:+--tasks "$TASKS"} ${MAX_STEPS:+--max-steps "$MAX_STEPS"} --out "$ev" --no-progress 2>&1 | while IFS= read -r line; do echo "$(date +%s.%N) $line"; done > "$ev/eval.log"
     rc=${PIPESTATUS[0]}

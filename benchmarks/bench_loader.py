@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from wmvla.data.fixtures import LAYOUTS, make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.data.samples import ChunkDataset, collate_samples
+from vla_core.data.fixtures import LAYOUTS, make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.data.samples import ChunkDataset, collate_samples
 
 
 def bench(ds: LeRobotDataset, keys: DatasetKeys, workers: int, batch_size: int, batches: int, chunk_size: int,

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from wmvla.eval.checkpoint_policy import load_checkpoint_policy
+    from vla_core.eval.checkpoint_policy import load_checkpoint_policy
 
     rng = np.random.default_rng(0)
     keys = ("observation.images.image", "observation.images.image2")

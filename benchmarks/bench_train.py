@@ -152,7 +152,7 @@ def save_random_backbone(cfg, folder) -> None:
     151936, so the embedding matrix has the real size)."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from wmvla.policy.backbone import build_tiny_tokenizer
+    from vla_core.policy.backbone import build_tiny_tokenizer
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +166,7 @@ def save_random_backbone(cfg, folder) -> None:
 
 def with_tokenizer_ids(cfg):
     """Qwen3VLConfig whose image/video/vision-start/end ids are those of the offline tokenizer."""
-    from wmvla.policy.backbone import IMAGE_PAD, VIDEO_PAD, build_tiny_tokenizer
+    from vla_core.policy.backbone import IMAGE_PAD, VIDEO_PAD, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     cfg.image_token_id = tok.convert_tokens_to_ids(IMAGE_PAD)
@@ -182,9 +182,9 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     backward, fused AdamW over the fp32 trainable weights. Returns (seconds per step, sequence length)."""
     import numpy as np
 
-    from wmvla.data.normalize import feature_stats
-    from wmvla.policy.config import PolicyConfig
-    from wmvla.policy.modeling import VLAPolicy
+    from vla_core.data.normalize import feature_stats
+    from vla_core.policy.config import PolicyConfig
+    from vla_core.policy.modeling import VLAPolicy
 
     rng = np.random.default_rng(0)
     state_dim, action_dim, T, K = 8, 7, 4, 4

@@ -22,14 +22,14 @@ import torch.distributed as dist
 
 
 def main() -> int:
-    from wmvla.policy.modeling import VLAPolicy
-    from wmvla.policy.tiny import random_batch, tiny_norm_stats, tiny_policy_config
-    from wmvla.train.checks import ParamSnapshot, check_first_step, grad_status
-    from wmvla.train.config import get_preset
-    from wmvla.train.ema import EMA
-    from wmvla.train.fsdp import (all_reduce_max, full, full_model_state, full_optimizer_state, load_optimizer_state,
+    from vla_core.policy.modeling import VLAPolicy
+    from vla_core.policy.tiny import random_batch, tiny_norm_stats, tiny_policy_config
+    from vla_core.train.checks import ParamSnapshot, check_first_step, grad_status
+    from vla_core.train.config import get_preset
+    from vla_core.train.ema import EMA
+    from vla_core.train.fsdp import (all_reduce_max, full, full_model_state, full_optimizer_state, load_optimizer_state,
                                   shard_policy)
-    from wmvla.train.loop import build_optimizer
+    from vla_core.train.loop import build_optimizer
 
     lora = "--lora" in sys.argv
     cuda = "--cpu" not in sys.argv  # --cpu: the same on gloo (a check of this script)
@@ -91,7 +91,7 @@ def main() -> int:
     ema_state = ema.state_dict()
     ok = True
     if rank == 0:
-        from wmvla.train.checkpoint import trained_state_dict
+        from vla_core.train.checkpoint import trained_state_dict
 
         want = trained_state_dict(ref)
         out["weights_max_diff"] = max(float((weights[k] - want[k]).abs().max()) for k in want)

@@ -30,13 +30,13 @@ SUITES_DEFAULT = ["libero_spatial"]
 
 
 def _tasks(suite: str) -> list[str]:
-    from wmvla.envs.libero_env import libero_task_names
+    from vla_core.envs.libero_env import libero_task_names
 
     return libero_task_names(suite)
 
 
 def exercise(suites: list[str]) -> None:
-    from wmvla.envs.libero_env import LiberoEnv
+    from vla_core.envs.libero_env import LiberoEnv
 
     rng = np.random.default_rng(0)
     for suite in suites:
@@ -81,7 +81,7 @@ FIXED_ACTIONS = np.array([[0.3, -0.2, 0.1, 0.0, 0.05, -0.05, -1.0]] * 3 + [[0.0,
 def observe(suites: list[str], out: Path) -> None:
     import robosuite
 
-    from wmvla.envs.libero_env import LiberoEnv
+    from vla_core.envs.libero_env import LiberoEnv
 
     arrays, where = {}, None
     for suite in suites:
@@ -130,7 +130,7 @@ def glinfo(suite: str = "libero_spatial") -> None:
     import robosuite
     from OpenGL import GL
 
-    from wmvla.envs.libero_env import LiberoEnv
+    from vla_core.envs.libero_env import LiberoEnv
 
     t0 = time.perf_counter()
     env = LiberoEnv(suite, 0)
@@ -157,7 +157,7 @@ def profile(suite: str = "libero_spatial", steps: int = 100) -> None:
 
     import mujoco
 
-    from wmvla.envs.libero_env import LiberoEnv
+    from vla_core.envs.libero_env import LiberoEnv
 
     env = LiberoEnv(suite, 0)
     env.reset(0)

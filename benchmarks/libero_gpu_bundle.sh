@@ -48,7 +48,7 @@ eval "$("$PY" - <<'EOF'
 import importlib.util, pathlib
 def pkg(name):
     return pathlib.Path(list(importlib.util.find_spec(name).submodule_search_locations)[0])
-from wmvla.envs.libero_env import find_libero_assets
+from vla_core.envs.libero_env import find_libero_assets
 print(f"SITE={pkg('robosuite').parent}")
 print(f"ASSETS={find_libero_assets()}")
 EOF

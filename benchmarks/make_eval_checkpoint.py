@@ -46,7 +46,7 @@ def random_vjepa2_folder(folder: Path, model: str, device: torch.device) -> None
 
 def libero_stats(state_dim: int = 8, action_dim: int = 7) -> dict:
     """Normalisation statistics shaped like LIBERO's (state mean/std, action quantiles, gripper passthrough)."""
-    from wmvla.data.normalize import feature_stats
+    from vla_core.data.normalize import feature_stats
 
     rng = np.random.default_rng(0)
     action = np.clip(rng.normal(scale=0.4, size=(4096, action_dim)), -1, 1)
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world-model", choices=["vitl", "vitg"], default="vitl", help="world encoder shapes (2b)")
     args = ap.parse_args(argv)
 
-    from wmvla.policy.config import tiny_policy_config
-    from wmvla.policy.modeling import VLAPolicy
-    from wmvla.train.checkpoint import save_checkpoint
-    from wmvla.train.config import DatasetKeys, get_preset
-    from wmvla.utils import to_jsonable
-    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
+    from vla_core.policy.config import tiny_policy_config
+    from vla_core.policy.modeling import VLAPolicy
+    from vla_core.train.checkpoint import save_checkpoint
+    from vla_core.train.config import DatasetKeys, get_preset
+    from vla_core.utils import to_jsonable
+    from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out

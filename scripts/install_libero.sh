@@ -98,7 +98,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import cv2, mujoco, numba, numpy, robosuite  # noqa: E401,F401 - the import chain of creating an env
 msg = f"robosuite {robosuite.__version__}, mujoco {mujoco.__version__}, numpy {numpy.__version__}, numba {numba.__version__}"
 try:
-    from wmvla.envs.libero_env import find_libero_assets, libero_task_names
+    from vla_core.envs.libero_env import find_libero_assets, libero_task_names
 except ImportError:
     print(f"[libero] ok: {msg} (wmvla not installed here: LIBERO import not checked)")
 else:

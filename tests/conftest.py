@@ -21,10 +21,10 @@ def _one_torch_thread():
 def data(tmp_path_factory):
     """The training tests' dataset (read only): a small LIBERO-schema v3.0 dataset (8 episodes, 32 px) and its
     tiny world latents (m=2). Built once per session for tests/test_train_*.py."""
-    from wmvla.data.fixtures import make_libero_like
-    from wmvla.data.lerobot import LeRobotDataset
-    from wmvla.world.cache import precompute_latents
-    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
+    from vla_core.data.fixtures import make_libero_like
+    from vla_core.data.lerobot import LeRobotDataset
+    from vla_core.world.cache import precompute_latents
+    from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
 
     root = tmp_path_factory.mktemp("train_data")
     ds_path = make_libero_like(root / "ds", layout="v3_png", episodes=8, image_size=32, min_length=10, max_length=16)

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from wmvla.data.fixtures import make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.utils import WmvlaError
+from vla_core.data.fixtures import make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.utils import WmvlaError
 
 SIZE = 16
 EP_META = "meta/episodes/chunk-000/file-000.parquet"

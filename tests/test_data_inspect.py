@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from wmvla.cli import main
-from wmvla.data.fixtures import LIBERO_TASKS, episode_lengths, make_libero_like
+from vla_core.cli import main
+from vla_core.data.fixtures import LIBERO_TASKS, episode_lengths, make_libero_like
 
 EPISODES = 5
 

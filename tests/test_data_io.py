@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from wmvla.data.fixtures import (
+from vla_core.data.fixtures import (
     CAMERA_KEYS,
     LIBERO_TASKS,
     episode_lengths,
@@ -19,11 +19,11 @@ from wmvla.data.fixtures import (
     libero_like_image,
     make_libero_like,
 )
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.data.samples import ChunkDataset, collate_samples
-from wmvla.data.writer import LeRobotV3Writer
-from wmvla.utils import WmvlaError
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.data.samples import ChunkDataset, collate_samples
+from vla_core.data.writer import LeRobotV3Writer
+from vla_core.utils import WmvlaError
 
 SIZE = 32
 EPISODES = 5

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.data.fixtures import make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.data.normalize import NormStats, compute_stats, feature_stats, load_stats, normalize, save_stats, unnormalize
-from wmvla.utils import WmvlaError
+from vla_core.data.fixtures import make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.data.normalize import NormStats, compute_stats, feature_stats, load_stats, normalize, save_stats, unnormalize
+from vla_core.utils import WmvlaError
 
 KEYS = DatasetKeys()
 

@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wmvla.data.fixtures import CAMERA_KEYS, libero_like_image, make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.data.samples import ChunkDataset, collate_samples
-from wmvla.data.windows import clamp_indices, future_offsets, history_offsets
-from wmvla.utils import WmvlaError
+from vla_core.data.fixtures import CAMERA_KEYS, libero_like_image, make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.data.samples import ChunkDataset, collate_samples
+from vla_core.data.windows import clamp_indices, future_offsets, history_offsets
+from vla_core.utils import WmvlaError
 
 # ------------------------------------------------------------------------------- clamp_indices
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from wmvla.envs.libero_env import (
+from vla_core.envs.libero_env import (
     ASSETS_ENV_VAR,
     IMAGE_KEY,
     SETTLE_ACTION,
@@ -30,8 +30,8 @@ from wmvla.envs.libero_env import (
     find_libero_assets,
     libero_task_names,
 )
-from wmvla.envs.registry import LIBERO_MAX_STEPS, EnvConfig, LiberoSettings, make_env, resolve_tasks
-from wmvla.utils import WmvlaError
+from vla_core.envs.registry import LIBERO_MAX_STEPS, EnvConfig, LiberoSettings, make_env, resolve_tasks
+from vla_core.utils import WmvlaError
 
 pytestmark = pytest.mark.libero
 
@@ -52,7 +52,7 @@ def test_import_never_prompts(tmp_path):
     """A fresh HOME (no ~/.libero) and no stdin: wmvla's entry points import LIBERO without its prompt,
     while importing LIBERO directly in the same situation does hit it (the hazard this guards against)."""
     code = textwrap.dedent("""
-        from wmvla.envs.libero_env import libero_task_names
+        from vla_core.envs.libero_env import libero_task_names
         import libero.libero as L
         print("TASKS", len(libero_task_names("libero_10")), L._assets_path_cache)
     """)

@@ -10,8 +10,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 import numpy as np
 import pytest
 
-from wmvla.envs.registry import EnvConfig, MetaWorldSettings, describe_env, list_tasks, make_env, resolve_tasks
-from wmvla.utils import WmvlaError
+from vla_core.envs.registry import EnvConfig, MetaWorldSettings, describe_env, list_tasks, make_env, resolve_tasks
+from vla_core.utils import WmvlaError
 
 IMG = "observation.images.image"
 
@@ -27,7 +27,7 @@ def test_instruction_table_covers_metaworld_tasks_exactly_and_uniquely():
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
     from metaworld.policies import ENV_POLICY_MAP
 
-    from wmvla.envs.metaworld_env import METAWORLD_DEFAULT_MAX_STEPS, METAWORLD_INSTRUCTIONS, METAWORLD_SUITES
+    from vla_core.envs.metaworld_env import METAWORLD_DEFAULT_MAX_STEPS, METAWORLD_INSTRUCTIONS, METAWORLD_SUITES
 
     assert list(METAWORLD_INSTRUCTIONS) == list(ALL_V3_ENVIRONMENTS)
     assert len(set(METAWORLD_INSTRUCTIONS.values())) == 50  # task string -> task_index must be unique

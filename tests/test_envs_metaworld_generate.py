@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from wmvla.cli import main
-from wmvla.envs.generate import GenerateConfig, load_generation_record, run_generate
-from wmvla.envs.registry import EnvConfig, make_env
-from wmvla.utils import WmvlaError
+from vla_core.cli import main
+from vla_core.envs.generate import GenerateConfig, load_generation_record, run_generate
+from vla_core.envs.registry import EnvConfig, make_env
+from vla_core.utils import WmvlaError
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def dataset(tmp_path_factory):
 
 
 def test_dataset_reads_back_with_the_project_reader(dataset):
-    from wmvla.data.keys import DatasetKeys
-    from wmvla.data.lerobot import LeRobotDataset
+    from vla_core.data.keys import DatasetKeys
+    from vla_core.data.lerobot import LeRobotDataset
 
     ds = LeRobotDataset.open(dataset, DatasetKeys(wrist_image_key=None))
     assert ds.version == "v3.0" and ds.fps == 80 and ds.num_episodes == 6
@@ -54,7 +54,7 @@ def test_episodes_record_seed_and_init_and_stop_after_success(dataset):
 
 def test_first_frame_is_exactly_what_evaluation_renders(dataset):
     """Same adapter, same settings: the dataset's first image equals a fresh env's reset image."""
-    from wmvla.data.lerobot import LeRobotDataset
+    from vla_core.data.lerobot import LeRobotDataset
 
     ds = LeRobotDataset.open(dataset)
     ep = ds.episodes[4]  # button-press-topdown, init 1 of seed 5

@@ -10,9 +10,9 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import pytest
 
-from wmvla.cli import main
-from wmvla.eval.cli import EvalConfig, run_eval
-from wmvla.utils import WmvlaError, read_jsonl
+from vla_core.cli import main
+from vla_core.eval.cli import EvalConfig, run_eval
+from vla_core.utils import WmvlaError, read_jsonl
 
 
 def test_eval_writes_episodes_and_summary_and_resumes(tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_bad_input(tmp_path, capsys):
 
 def test_two_conditions_face_the_same_initial_conditions_and_pair_up(tmp_path):
     """E0 vs E2 in miniature: two policies, same flags -> every episode has a partner (same task, init, seed)."""
-    from wmvla.eval.stats import compare_episode_files
+    from vla_core.eval.stats import compare_episode_files
 
     for name in ("noop", "random"):
         run_eval(EvalConfig(out=tmp_path / name, suite="core5", tasks="reach,push", episodes=3, workers=0,
@@ -85,13 +85,13 @@ def _random_metaworld_checkpoint(root, experiment: str = "E1", seed: int = 3):
 
     import numpy as np
 
-    from wmvla.data.keys import DatasetKeys
-    from wmvla.data.normalize import feature_stats
-    from wmvla.policy.config import tiny_policy_config
-    from wmvla.policy.modeling import VLAPolicy
-    from wmvla.train.checkpoint import save_checkpoint
-    from wmvla.train.config import get_preset
-    from wmvla.utils import to_jsonable
+    from vla_core.data.keys import DatasetKeys
+    from vla_core.data.normalize import feature_stats
+    from vla_core.policy.config import tiny_policy_config
+    from vla_core.policy.modeling import VLAPolicy
+    from vla_core.train.checkpoint import save_checkpoint
+    from vla_core.train.config import get_preset
+    from vla_core.utils import to_jsonable
 
     keys = DatasetKeys(wrist_image_key=None)
     cfg = dataclasses.replace(get_preset("tiny"), keys=keys, experiment=experiment, seed=seed,
@@ -109,8 +109,8 @@ def _random_metaworld_checkpoint(root, experiment: str = "E1", seed: int = 3):
 def test_checkpoint_eval_defaults_to_its_eval_folder_and_records_the_run(tmp_path, capsys):
     """Without --out a checkpoint evaluation goes where `wmvla matrix` puts it, and summary.json's config
     has experiment / head / seed / rollout_memory / checkpoint at the top level (the report reads them)."""
-    from wmvla.eval.checkpoint_policy import eval_dir_for
-    from wmvla.experiments.report import load_eval_runs
+    from vla_core.eval.checkpoint_policy import eval_dir_for
+    from vla_core.experiments.report import load_eval_runs
 
     ckpt = _random_metaworld_checkpoint(tmp_path / "runs")
     run = ckpt.parent.parent
@@ -147,7 +147,7 @@ def test_eval_resumes_after_sigkill(tmp_path):
     import time
 
     def cmd(out):
-        return [sys.executable, "-m", "wmvla.cli", "eval", "--env", "metaworld", "--suite", "core5", "--tasks",
+        return [sys.executable, "-m", "vla_core.cli", "eval", "--env", "metaworld", "--suite", "core5", "--tasks",
                 "reach", "--episodes", "8", "--workers", "1", "--scripted", "expert", "--no-progress",
                 "--out", str(out)]
 

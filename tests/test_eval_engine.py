@@ -11,11 +11,11 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 import numpy as np
 import pytest
 
-from wmvla.envs.registry import EnvConfig
-from wmvla.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
-from wmvla.eval.scripted import ExpertPolicy, NoopPolicy, RandomPolicy
-from wmvla.eval.stats import success_summary
-from wmvla.utils import WmvlaError, read_jsonl
+from vla_core.envs.registry import EnvConfig
+from vla_core.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
+from vla_core.eval.scripted import ExpertPolicy, NoopPolicy, RandomPolicy
+from vla_core.eval.stats import success_summary
+from vla_core.utils import WmvlaError, read_jsonl
 
 EXPERT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 FIELDS = {"env", "suite", "task", "init_index", "seed", "condition", "success", "steps", "wall_s", "error"}

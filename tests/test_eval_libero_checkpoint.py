@@ -13,8 +13,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import pytest
 
-from wmvla.cli import main
-from wmvla.utils import read_jsonl
+from vla_core.cli import main
+from vla_core.utils import read_jsonl
 
 pytestmark = pytest.mark.libero
 
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.libero
 @pytest.fixture(scope="module")
 def libero_checkpoint(data, tmp_path_factory):
     """An E2 checkpoint trained briefly on the session's LIBERO-schema dataset (32 px, tests/conftest.py)."""
-    from wmvla.train.config import get_preset
-    from wmvla.train.loop import train
+    from vla_core.train.config import get_preset
+    from vla_core.train.loop import train
 
     cfg = get_preset("tiny")
     cfg = dataclasses.replace(cfg, dataset=data["dataset"], latents=data["latents"],

@@ -17,10 +17,10 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import pytest
 
-from wmvla.cli import main
-from wmvla.eval import shards
-from wmvla.eval.engine import EpisodeSpec
-from wmvla.utils import WmvlaError, append_jsonl, read_jsonl
+from vla_core.cli import main
+from vla_core.eval import shards
+from vla_core.eval.engine import EpisodeSpec
+from vla_core.utils import WmvlaError, append_jsonl, read_jsonl
 
 # reach / push with the expert and a 60-step limit: a mix of successes and failures (push needs ~63 steps)
 FLAGS = ["--env", "metaworld", "--suite", "core5", "--tasks", "reach,push", "--episodes", "4", "--workers", "0",
@@ -36,7 +36,7 @@ def test_two_shards_merge_to_the_single_process_result(tmp_path):
     assert main(["eval", *FLAGS, "--out", str(single)]) == 0
 
     # two processes at once: one with explicit flags, one as torchrun would start it (RANK / WORLD_SIZE)
-    cmd = [sys.executable, "-m", "wmvla.cli", "eval", *FLAGS, "--out", str(sharded)]
+    cmd = [sys.executable, "-m", "vla_core.cli", "eval", *FLAGS, "--out", str(sharded)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     procs = [subprocess.Popen(cmd + ["--num-shards", "2", "--shard-index", "0"], env=env, stdout=subprocess.PIPE,
@@ -89,7 +89,7 @@ def main_raise(argv: list[str]) -> int:
     """`wmvla` without the CLI's error handling (to see the WmvlaError)."""
     import tyro
 
-    from wmvla.eval.cli import EvalConfig, run_eval
+    from vla_core.eval.cli import EvalConfig, run_eval
 
     return run_eval(tyro.cli(EvalConfig, args=argv[1:]))
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wmvla.eval.stats import (
+from vla_core.eval.stats import (
     compare_episode_files,
     mcnemar_exact,
     min_detectable_difference,
@@ -16,7 +16,7 @@ from wmvla.eval.stats import (
     success_summary,
     wilson_interval,
 )
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 
 def test_wilson_known_values():

@@ -14,7 +14,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 @pytest.mark.slow
 def test_demo_defaults_within_budget_and_successful(tmp_path):
-    from wmvla.experiments.demo import DemoConfig, run_demo_steps
+    from vla_core.experiments.demo import DemoConfig, run_demo_steps
 
     t0 = time.perf_counter()
     summary = run_demo_steps(DemoConfig(out=tmp_path / "demo", progress=False))

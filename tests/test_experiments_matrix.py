@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.utils import WmvlaError, read_jsonl
+from vla_core.data.keys import DatasetKeys
+from vla_core.utils import WmvlaError, read_jsonl
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -23,10 +23,10 @@ KEYS = DatasetKeys(wrist_image_key=None)
 
 @pytest.fixture(scope="module")
 def mw_data(tmp_path_factory):
-    from wmvla.data.lerobot import LeRobotDataset
-    from wmvla.envs.generate import GenerateConfig, run_generate
-    from wmvla.world.cache import precompute_latents
-    from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
+    from vla_core.data.lerobot import LeRobotDataset
+    from vla_core.envs.generate import GenerateConfig, run_generate
+    from vla_core.world.cache import precompute_latents
+    from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
 
     root = tmp_path_factory.mktemp("mw")
     run_generate(GenerateConfig(env="metaworld", out=root / "ds", tasks=TASK, episodes=3, workers=0, image_size=32))
@@ -37,7 +37,7 @@ def mw_data(tmp_path_factory):
 
 
 def _matrix_cfg(mw_data, out: Path, **kw):
-    from wmvla.experiments.matrix import MatrixConfig
+    from vla_core.experiments.matrix import MatrixConfig
 
     base = dict(preset="tiny", out=out, dataset=mw_data["dataset"], latents=mw_data["latents"], no_wrist_camera=True,
                 experiments=("E0", "E1", "E2", "E3"), heads=("mse",), seeds=(0,), steps=3, episodes=2, workers=0,
@@ -47,7 +47,7 @@ def _matrix_cfg(mw_data, out: Path, **kw):
 
 
 def test_tiny_matrix_end_to_end_and_rerun(mw_data, tmp_path):
-    from wmvla.experiments.matrix import run_matrix_cells
+    from vla_core.experiments.matrix import run_matrix_cells
 
     out = tmp_path / "matrix"
     result = run_matrix_cells(_matrix_cfg(mw_data, out))
@@ -95,11 +95,11 @@ def test_checkpoint_policy_world_state_matches_the_cache(mw_data, tmp_path):
     """Replaying a dataset episode through the BatchPolicy gives the Prophet the cached history windows."""
     import dataclasses
 
-    from wmvla.data.lerobot import LeRobotDataset
-    from wmvla.eval.checkpoint_policy import WorldCheckpointPolicy, load_checkpoint_policy
-    from wmvla.train.config import OptimConfig, get_preset
-    from wmvla.train.loop import train
-    from wmvla.world.cache import LatentCache
+    from vla_core.data.lerobot import LeRobotDataset
+    from vla_core.eval.checkpoint_policy import WorldCheckpointPolicy, load_checkpoint_policy
+    from vla_core.train.config import OptimConfig, get_preset
+    from vla_core.train.loop import train
+    from vla_core.world.cache import LatentCache
 
     cfg = dataclasses.replace(get_preset("tiny"), dataset=mw_data["dataset"], latents=mw_data["latents"], keys=KEYS,
                               out_root=str(tmp_path), optim=OptimConfig(steps=2, batch_size=4, warmup_steps=1),
@@ -139,7 +139,7 @@ def test_checkpoint_policy_world_state_matches_the_cache(mw_data, tmp_path):
 
 def test_matrix_overrides_reach_every_cell():
     """Local model folders (no hub) and the world settings pass from `wmvla matrix` into each cell's config."""
-    from wmvla.experiments.matrix import MatrixConfig, base_train_config, cell_config
+    from vla_core.experiments.matrix import MatrixConfig, base_train_config, cell_config
 
     cfg = MatrixConfig(preset="libero-2b", out=Path("runs/x"), dataset="/data/libero",
                        backbone="/models/Qwen3-VL-2B-Instruct", world_encoder="/models/vjepa2-vitg-fpc64-256",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wmvla.policy.heads import FlowHead, MSEHead, euler_integrate, masked_mse, sinusoidal_time_embedding
+from vla_core.policy.heads import FlowHead, MSEHead, euler_integrate, masked_mse, sinusoidal_time_embedding
 
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
-from wmvla.policy.modeling import VLAPolicy
-from wmvla.policy.tiny import random_batch, random_observation, tiny_norm_stats, tiny_policy_config
-from wmvla.utils import WmvlaError
+from vla_core.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
+from vla_core.policy.modeling import VLAPolicy
+from vla_core.policy.tiny import random_batch, random_observation, tiny_norm_stats, tiny_policy_config
+from vla_core.utils import WmvlaError
 
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.data.normalize import feature_stats
-from wmvla.policy.config import MEMORY_MODES, PolicyConfig
-from wmvla.policy.modeling import VLAPolicy
-from wmvla.policy.tiny import random_batch, random_observation, tiny_norm_stats, tiny_policy_config
-from wmvla.utils import WmvlaError, from_dict, to_jsonable
+from vla_core.data.normalize import feature_stats
+from vla_core.policy.config import MEMORY_MODES, PolicyConfig
+from vla_core.policy.modeling import VLAPolicy
+from vla_core.policy.tiny import random_batch, random_observation, tiny_norm_stats, tiny_policy_config
+from vla_core.utils import WmvlaError, from_dict, to_jsonable
 
 
 

@@ -1,5 +1,5 @@
 """Policy inputs: prompt (task text, two separate images, ACT tokens), image layout equal to transformers'
-processor, M-RoPE positions equal to transformers' get_rope_index, normalisation through wmvla.data.normalize,
+processor, M-RoPE positions equal to transformers' get_rope_index, normalisation through vla_core.data.normalize,
 the <ACT_i> embedding rows, and loading a backbone from a local folder."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.data.normalize import normalize
-from wmvla.policy.backbone import (
+from vla_core.data.normalize import normalize
+from vla_core.policy.backbone import (
     IMAGE_PAD,
     ActTokenEmbedding,
     VLBackbone,
@@ -17,10 +17,10 @@ from wmvla.policy.backbone import (
     mrope_position_ids,
     save_tiny_checkpoint,
 )
-from wmvla.policy.config import PolicyConfig, tiny_policy_config
-from wmvla.policy.processing import PolicyProcessor, pixel_values_from_images, resize_images
-from wmvla.policy.tiny import random_batch, random_observation, tiny_norm_stats
-from wmvla.utils import WmvlaError
+from vla_core.policy.config import PolicyConfig, tiny_policy_config
+from vla_core.policy.processing import PolicyProcessor, pixel_values_from_images, resize_images
+from vla_core.policy.tiny import random_batch, random_observation, tiny_norm_stats
+from vla_core.utils import WmvlaError
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl")
 
@@ -117,7 +117,7 @@ def test_training_batch_and_rollout_observation_share_the_path(backbones):
     a, b = proc(batch), proc.observations([obs], [obs["task"]])
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "act_index", "images", "state"):
         assert torch.equal(a[key], b[key]), key
-    # state is normalised by wmvla.data.normalize (the one function pair), not re-implemented
+    # state is normalised by vla_core.data.normalize (the one function pair), not re-implemented
     expected = normalize(obs["state"][None], proc.stats[cfg.state_key])
     assert torch.allclose(a["state"], torch.as_tensor(expected, dtype=torch.float32))
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from wmvla.cli import main as cli_main
-from wmvla.experiments.report import ReportConfig, build_report, run_report
-from wmvla.utils import WmvlaError, append_jsonl, atomic_write_json
+from vla_core.cli import main as cli_main
+from vla_core.experiments.report import ReportConfig, build_report, run_report
+from vla_core.utils import WmvlaError, append_jsonl, atomic_write_json
 
 TASKS = ("reach-v3", "push-v3")
 Z95 = 1.959963984540054
@@ -92,7 +92,7 @@ def write_train_log(root: Path, exp: str, head: str, seed: int, steps: int = 50,
         if exp != "E0":
             rec["gate"] = gate_fn(step) if gate_fn else 0.002 * step
         append_jsonl(log, rec)
-        if step % 20 == 0:  # validation rows go to val_log.jsonl (as wmvla.train.loop.validate writes them)
+        if step % 20 == 0:  # validation rows go to val_log.jsonl (as vla_core.train.loop.validate writes them)
             append_jsonl(log.parent / "val_log.jsonl", {
                 "step": step, "action_mse": 0.8 / (1 + 0.1 * step), "mean_baseline_mse": 0.9,
                 "action_mae_real": 0.05 / (1 + 0.1 * step), "mean_baseline_mae_real": 0.06,
@@ -473,9 +473,9 @@ def test_different_episode_seeds_are_not_matched(tmp_path):
 def test_reads_summaries_written_by_wmvla_eval(tmp_path):
     """Summaries from the real `wmvla eval` writer (config without experiment/head/seed: taken from the
     <E>/<tag>/seed<k> layout; per-task max_steps), plus a scripted reference outside the E0-E3 layout."""
-    from wmvla.envs.registry import EnvConfig
-    from wmvla.eval.cli import result_config, write_summary
-    from wmvla.eval.engine import EngineConfig
+    from vla_core.envs.registry import EnvConfig
+    from vla_core.eval.cli import result_config, write_summary
+    from vla_core.eval.engine import EngineConfig
 
     def write(folder: Path, outcomes: list[bool], memory: str, max_steps: int | None = None) -> None:
         env_cfg = EnvConfig(env="metaworld", suite="mt10", max_steps=max_steps)
@@ -519,7 +519,7 @@ def test_reads_summaries_written_by_wmvla_eval(tmp_path):
 def test_config_keys_win_over_the_folder_layout(tmp_path):
     """summary.json's top-level experiment/head/seed/rollout_memory (written by `wmvla eval --checkpoint` and
     the matrix) are used even where the folder names say otherwise; the layout is only the fallback."""
-    from wmvla.experiments.report import load_eval_runs
+    from vla_core.experiments.report import load_eval_runs
 
     folder = write_eval(tmp_path, "E2", "mse", "pred", 0, [("reach-v3", 0, True), ("push-v3", 0, False)])
     summary = json.loads((folder / "summary.json").read_text())

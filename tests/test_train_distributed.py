@@ -1,7 +1,7 @@
 """Distributed training on CPU: a 2-process DDP run (gloo) equals one process with the same global batch.
 
 The DDP run is launched the way a user launches it, `accelerate launch --multi_gpu --num_processes 2 -m
-wmvla.cli train ...` (on a CPU-only machine accelerate's multi-GPU launcher starts torchrun workers and
+vla_core.cli train ...` (on a CPU-only machine accelerate's multi-GPU launcher starts torchrun workers and
 the Accelerator picks the gloo backend; note that `accelerate launch --cpu` would start ONE process).
 
 Why this configuration is comparable exactly (in exact arithmetic):
@@ -36,10 +36,10 @@ import torch
 from safetensors.torch import load_file
 
 from test_train_loop import _losses, tiny_cfg
-from wmvla.train.config import get_preset
-from wmvla.train.loop import train
-from wmvla.train.sampler import ResumableBatchSampler
-from wmvla.utils import read_jsonl
+from vla_core.train.config import get_preset
+from vla_core.train.loop import train
+from vla_core.train.sampler import ResumableBatchSampler
+from vla_core.utils import read_jsonl
 
 STEPS = 4
 RUN = Path("E2") / "tiny_m2_delta_mse" / "seed0"
@@ -98,15 +98,15 @@ def _launch_ddp(data, out_root: Path, audit_dir: Path, extra: list[str]) -> subp
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "wmvla.cli", "train", "--preset", "tiny", "--dataset", data["dataset"], "--latents", data["latents"],
+           "-m", "vla_core.cli", "train", "--preset", "tiny", "--dataset", data["dataset"], "--latents", data["latents"],
            "--out-root", str(out_root), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _valid_counts(cfg, batch_size: int, world_size: int, steps: int) -> np.ndarray:
     """[steps, ranks] valid action chunk steps in each rank's micro-batch (what the loss averages over)."""
-    from wmvla.data.samples import ChunkDataset
-    from wmvla.train.loop import prepare_run
+    from vla_core.data.samples import ChunkDataset
+    from vla_core.train.loop import prepare_run
 
     setup = prepare_run(cfg)
     p = setup.cfg.policy
@@ -187,8 +187,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(data, tm
 def assert_checkpoints_act_alike(run_1, run_2, atol: float = 1e-3):
     """Both checkpoints rebuilt through evaluation's path (load_checkpoint_policy) give the same action chunks
     for the same two observations; returns the second policy."""
-    from wmvla.eval.checkpoint_policy import load_checkpoint_policy
-    from wmvla.policy.tiny import random_observation
+    from vla_core.eval.checkpoint_policy import load_checkpoint_policy
+    from vla_core.policy.tiny import random_observation
 
     pol_1, pol_2 = (load_checkpoint_policy(r, None, "cpu", seed=0, print_prompt=False) for r in (run_1, run_2))
     obs = [random_observation(pol_2.policy.cfg, seed=i, image_hw=32) for i in range(2)]
@@ -204,8 +204,8 @@ def assert_checkpoints_act_alike(run_1, run_2, atol: float = 1e-3):
 
 def _initial_trainable(cfg) -> dict[str, torch.Tensor]:
     """The trainable weights before step 1 (the policy is rebuilt from the same seed)."""
-    from wmvla.train.checkpoint import trained_state_dict
-    from wmvla.train.loop import build_policy, prepare_run
+    from vla_core.train.checkpoint import trained_state_dict
+    from vla_core.train.loop import build_policy, prepare_run
 
     setup = prepare_run(cfg)
     return trained_state_dict(build_policy(setup.cfg, setup.stats, setup.cache))
@@ -250,8 +250,8 @@ def test_fsdp_and_deepspeed_launches_are_refused():
 
     from accelerate.utils import DistributedType
 
-    from wmvla.train.loop import _refuse_sharded_training
-    from wmvla.utils import WmvlaError
+    from vla_core.train.loop import _refuse_sharded_training
+    from vla_core.utils import WmvlaError
 
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         with pytest.raises(WmvlaError, match=f"does not support {kind.value}(.|\n)*--distributed fsdp"):

@@ -34,9 +34,9 @@ from safetensors.torch import load_file
 
 from test_train_distributed import RUN, _free_port, _initial_trainable, _launch_ddp, assert_checkpoints_act_alike
 from test_train_loop import _losses, tiny_cfg
-from wmvla.train.config import get_preset
-from wmvla.train.loop import train
-from wmvla.utils import read_jsonl
+from vla_core.train.config import get_preset
+from vla_core.train.loop import train
+from vla_core.utils import read_jsonl
 
 STEPS = 4
 # 2 processes x 1 sample x 2 micro-batches (FSDP's reduce-scatter skipped on the first) == one batch of 4
@@ -145,7 +145,7 @@ def test_fsdp_resume_after_stop_continues_exactly(data, fsdp_run, tmp_path):
 
 def _launch_torchrun(data, out_root: Path, extra: list[str]) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "wmvla.cli", "train",
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "vla_core.cli", "train",
            "--preset", "tiny", "--dataset", data["dataset"], "--latents", data["latents"], "--out-root", str(out_root),
            *extra]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
@@ -155,7 +155,7 @@ def _launch_torchrun(data, out_root: Path, extra: list[str]) -> subprocess.Compl
 def test_fsdp_with_frozen_parameters_trains_and_loads(data, tmp_path, mode):
     """Trainable and frozen parameters in one FSDP unit (LoRA in the decoder layers; with bf16 frozen weights
     under autocast, as on a GPU, the unit also mixes dtypes), launched with torchrun."""
-    from wmvla.train.checkpoint import load_policy
+    from vla_core.train.checkpoint import load_policy
 
     precision = (["--policy.autocast-bf16", "--policy.frozen-dtype", "bfloat16"] if mode == "lora" else [])
     res = _launch_torchrun(data, tmp_path / "fsdp", COMMON + ["--optim.batch-size", "2", "--policy.finetune", mode,
@@ -183,7 +183,7 @@ def test_fsdp_with_frozen_parameters_trains_and_loads(data, tmp_path, mode):
     # loads in one process (the frozen weights' fingerprint and the tokenizer checked) and acts like a
     # single-process run of the same global batch
     train(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=3)))
-    from wmvla.policy.tiny import random_observation
+    from vla_core.policy.tiny import random_observation
 
     (p1, _), (p2, _) = (load_policy(r, device="cpu") for r in (tmp_path / "single" / RUN, run))
     obs = [random_observation(p2.cfg, seed=i, image_hw=32) for i in range(2)]

@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wmvla.train.config import OptimConfig, get_preset
-from wmvla.train.loop import train
-from wmvla.utils import WmvlaError, read_jsonl
+from vla_core.train.config import OptimConfig, get_preset
+from vla_core.train.loop import train
+from vla_core.utils import WmvlaError, read_jsonl
 
 
 
@@ -70,7 +70,7 @@ def test_resume_after_stop_equals_uninterrupted(data, tmp_path):
 
 def test_resume_after_sigkill(data, tmp_path):
     """A real kill -9 while training: rerunning the same command continues the same curve."""
-    args = [sys.executable, "-m", "wmvla.cli", "train", "--preset", "tiny", "--dataset", data["dataset"],
+    args = [sys.executable, "-m", "vla_core.cli", "train", "--preset", "tiny", "--dataset", data["dataset"],
             "--latents", data["latents"], "--optim.steps", "24", "--log-every", "1", "--ckpt-every", "3",
             "--val-every", "0", "--keep-checkpoints", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -123,7 +123,7 @@ def test_never_overwrites(data, tmp_path):
 
 def test_first_steps_check_fires_on_closed_gate_shortcut(data, tmp_path, monkeypatch):
     """LESSONS: `if |tanh(gate)| < 1e-6: return h` starves the gate of gradient; training must fail loudly."""
-    from wmvla.policy import memory as memory_mod
+    from vla_core.policy import memory as memory_mod
 
     original = memory_mod.GatedMemoryAttention.forward
 
@@ -140,7 +140,7 @@ def test_first_steps_check_fires_on_closed_gate_shortcut(data, tmp_path, monkeyp
 
 def test_first_steps_check_fires_on_parameter_missing_from_optimizer(data, tmp_path, monkeypatch):
     """LESSONS: LoRA adapters / ACT rows were never given to the optimizer."""
-    from wmvla.train import loop
+    from vla_core.train import loop
 
     original = loop.build_optimizer
 
@@ -157,7 +157,7 @@ def test_first_steps_check_fires_on_parameter_missing_from_optimizer(data, tmp_p
 
 
 def test_checkpoint_has_no_frozen_weights_and_reloads_identically(data, tmp_path):
-    from wmvla.train.checkpoint import load_policy
+    from vla_core.train.checkpoint import load_policy
 
     policy_cfg = dataclasses.replace(get_preset("tiny").policy, finetune="frozen_vision")
     cfg = tiny_cfg(data, tmp_path, policy=policy_cfg, optim=OptimConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1),
@@ -178,7 +178,7 @@ def test_checkpoint_has_no_frozen_weights_and_reloads_identically(data, tmp_path
     policy, rcfg = load_policy(run, device="cpu")
     assert rcfg.experiment == "E2" and rcfg.policy.finetune == "frozen_vision"
     # identical policy: the reloaded one reproduces the final validation exactly
-    from wmvla.train.loop import _val_data, prepare_run, TrainCollate, WorldLatents, validate
+    from vla_core.train.loop import _val_data, prepare_run, TrainCollate, WorldLatents, validate
 
     setup = prepare_run(rcfg)
     collate = TrainCollate(policy.processor, WorldLatents(rcfg.latents))
@@ -199,7 +199,7 @@ def test_checkpoint_has_no_frozen_weights_and_reloads_identically(data, tmp_path
 
 
 def test_latent_cache_mismatch_is_refused(data, tmp_path):
-    from wmvla.world.encoder import WorldEncoderSpec
+    from vla_core.world.encoder import WorldEncoderSpec
 
     cfg = tiny_cfg(data, tmp_path, world=WorldEncoderSpec(encoder="tiny", window=4, image_size=32))
     with pytest.raises(WmvlaError, match="window"):

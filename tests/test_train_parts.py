@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.train.checks import (
+from vla_core.train.checks import (
     ParamSnapshot,
     check_first_step,
     check_fp32_trainable,
@@ -14,11 +14,11 @@ from wmvla.train.checks import (
     check_optimizer_state_fp32,
     grad_status,
 )
-from wmvla.train.ema import EMA
-from wmvla.train.rundir import check_same_config, run_dir_for, run_status, run_tag, world_source_name
-from wmvla.train.sampler import ResumableBatchSampler
-from wmvla.train.schedule import lr_at
-from wmvla.utils import WmvlaError
+from vla_core.train.ema import EMA
+from vla_core.train.rundir import check_same_config, run_dir_for, run_status, run_tag, world_source_name
+from vla_core.train.sampler import ResumableBatchSampler
+from vla_core.train.schedule import lr_at
+from vla_core.utils import WmvlaError
 
 
 def test_lr_schedule_warmup_cosine_floor():

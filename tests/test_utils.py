@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wmvla import cli
-from wmvla.utils import (
+from vla_core import cli
+from vla_core.utils import (
     WmvlaError,
     append_jsonl,
     atomic_path,
@@ -95,7 +95,7 @@ def test_cli_config_print_and_reload_round_trip(tmp_path, capsys):
     """--print-config yaml|json shows the resolved config; --config FILE reloads it; flags still override."""
     import json
 
-    from wmvla.cli import main
+    from vla_core.cli import main
 
     assert main(["train", "--preset", "tiny", "--seed", "5", "--print-config", "yaml"]) == 0
     yaml_text = capsys.readouterr().out

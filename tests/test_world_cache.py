@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from wmvla.data.fixtures import make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.utils import WmvlaError
-from wmvla.world.cache import LatentCache, meta_path, precompute_latents, progress_path
-from wmvla.world.encoder import OnlineWorldEncoder, WorldEncoderSpec, build_world_encoder, clip_positions
+from vla_core.data.fixtures import make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.utils import WmvlaError
+from vla_core.world.cache import LatentCache, meta_path, precompute_latents, progress_path
+from vla_core.world.encoder import OnlineWorldEncoder, WorldEncoderSpec, build_world_encoder, clip_positions
 
 
 CAM = "observation.images.image"
@@ -192,7 +192,7 @@ def test_open_refuses_a_dataset_changed_since_caching(enc, tmp_path):
 
 
 def test_cli_latents_writes_the_default_layout(ds, tmp_path, monkeypatch):
-    from wmvla.cli import main
+    from vla_core.cli import main
 
     monkeypatch.chdir(tmp_path)
     rc = main(["latents", str(ds.root), "--encoder", "tiny", "--window", "1", "--image-size", "32",
@@ -220,9 +220,9 @@ def test_sigkill_mid_precompute_then_resume_matches(tmp_path):
     out = tmp_path / "k.fp16.npy"
     script = (
         "import sys\n"
-        "from wmvla.data.lerobot import LeRobotDataset\n"
-        "from wmvla.world.cache import precompute_latents\n"
-        "from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder\n"
+        "from vla_core.data.lerobot import LeRobotDataset\n"
+        "from vla_core.world.cache import precompute_latents\n"
+        "from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder\n"
         "ds = LeRobotDataset.open(sys.argv[1])\n"
         "enc = build_world_encoder(WorldEncoderSpec(encoder='tiny', window=4, image_size=32), 'cpu')\n"
         "precompute_latents(ds, enc, sys.argv[2], batch_size=1, block_size=4, checkpoint_every_s=0)\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wmvla.utils import WmvlaError
-from wmvla.world.encoder import (
+from vla_core.utils import WmvlaError
+from vla_core.world.encoder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClipBuffer,
@@ -57,7 +57,7 @@ def test_clip_buffer_clamps_at_episode_start_and_resets():
         assert buf.push(100) == [100] * m  # a new episode never sees the previous one
     assert clip_positions(1, 4) == [0, 0, 0, 1]
     # the same clamping as the data module's windows (used for the Prophet's history)
-    from wmvla.data.windows import clamp_indices, history_offsets
+    from vla_core.data.windows import clamp_indices, history_offsets
 
     for t in range(6):
         idx, _ = clamp_indices(10 + t, 10, 6, history_offsets(4))

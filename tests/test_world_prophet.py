@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.utils import WmvlaError
-from wmvla.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
+from vla_core.utils import WmvlaError
+from vla_core.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
 
 
 

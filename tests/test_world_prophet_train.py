@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from wmvla.data.fixtures import make_libero_like
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import Episode, LeRobotDataset
-from wmvla.utils import WmvlaError
-from wmvla.world.cache import precompute_latents
-from wmvla.world.encoder import WorldEncoderSpec, build_world_encoder
-from wmvla.world.prophet_train import ProphetTrainConfig, load_prophet, split_episodes, train_prophet
+from vla_core.data.fixtures import make_libero_like
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import Episode, LeRobotDataset
+from vla_core.utils import WmvlaError
+from vla_core.world.cache import precompute_latents
+from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
+from vla_core.world.prophet_train import ProphetTrainConfig, load_prophet, split_episodes, train_prophet
 
 from test_world_prophet import _rotation_episodes
 
@@ -44,7 +44,7 @@ def test_training_loop_beats_copy_the_present_on_held_out_dynamics():
 
 
 def test_cli_prophet_train_writes_metrics_and_a_loadable_prophet(tmp_path):
-    from wmvla.cli import main
+    from vla_core.cli import main
 
     ds = LeRobotDataset.open(make_libero_like(tmp_path / "ds", layout="v3_png", episodes=5, image_size=32,
                                               min_length=6, max_length=12), DatasetKeys())

@@ -17,23 +17,23 @@ import sys
 
 # name -> ("module", "ConfigClass", "function", "one-line help")
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("wmvla.experiments.demo", "DemoConfig", "run_demo",
+    "demo": ("vla_core.experiments.demo", "DemoConfig", "run_demo",
              "offline benchmark: MetaWorld data -> latents -> E0-E3 training -> closed-loop eval -> report"),
-    "data inspect": ("wmvla.data.inspect", "InspectConfig", "run_inspect",
+    "data inspect": ("vla_core.data.inspect", "InspectConfig", "run_inspect",
                      "summarise a LeRobot dataset and check the configured keys"),
-    "data generate": ("wmvla.envs.generate", "GenerateConfig", "run_generate",
+    "data generate": ("vla_core.envs.generate", "GenerateConfig", "run_generate",
                       "write a LeRobot v3.0 dataset from scripted experts (metaworld)"),
-    "latents": ("wmvla.world.cache", "LatentsConfig", "run_latents",
+    "latents": ("vla_core.world.cache", "LatentsConfig", "run_latents",
                 "precompute world-encoder latents for a dataset (resumable)"),
-    "prophet train": ("wmvla.world.prophet_train", "ProphetTrainConfig", "run_prophet_train",
+    "prophet train": ("vla_core.world.prophet_train", "ProphetTrainConfig", "run_prophet_train",
                       "train the Prophet alone on a latent cache and report per-k metrics"),
-    "train": ("wmvla.train.loop", "TrainConfig", "run_train",
+    "train": ("vla_core.train.loop", "TrainConfig", "run_train",
               "train a VLA policy (E0/E1/E2/E3); --preset tiny|demo|metaworld-gpu|libero-2b sets the defaults"),
-    "eval": ("wmvla.eval.cli", "EvalConfig", "run_eval",
+    "eval": ("vla_core.eval.cli", "EvalConfig", "run_eval",
              "closed-loop evaluation of a checkpoint or a scripted policy"),
-    "matrix": ("wmvla.experiments.matrix", "MatrixConfig", "run_matrix",
+    "matrix": ("vla_core.experiments.matrix", "MatrixConfig", "run_matrix",
                "train and evaluate the E0-E3 x head x seed matrix, then report"),
-    "report": ("wmvla.experiments.report", "ReportConfig", "run_report",
+    "report": ("vla_core.experiments.report", "ReportConfig", "run_report",
                "markdown + plots + verdict from a matrix run folder"),
 }
 
@@ -91,7 +91,7 @@ def _config_file_default(config_cls, path: str):
     """A JSON or YAML file with the config's fields (nested dataclasses as mappings) -> a config instance."""
     from pathlib import Path
 
-    from wmvla.utils import WmvlaError, from_dict
+    from vla_core.utils import WmvlaError, from_dict
 
     p = Path(path)
     if not p.is_file():
@@ -118,7 +118,7 @@ def format_config(cfg, fmt: str) -> str:
     """The resolved config as JSON or YAML text (the same plain types `to_jsonable` stores in runs)."""
     import json
 
-    from wmvla.utils import to_jsonable
+    from vla_core.utils import to_jsonable
 
     data = to_jsonable(cfg)
     if fmt == "json":
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     import tyro
 
-    from wmvla.utils import WmvlaError
+    from vla_core.utils import WmvlaError
 
     config_cls = getattr(module, config_name)
     print_fmt, rest = _pop_option(rest, "--print-config")

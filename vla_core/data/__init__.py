@@ -1,1 +1,1 @@
-"""wmvla.data"""
+"""vla_core.data"""

@@ -25,8 +25,8 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from wmvla.data.video import DEFAULT_CODEC, VideoFileWriter, video_info
-from wmvla.data.writer import (
+from vla_core.data.video import DEFAULT_CODEC, VideoFileWriter, video_info
+from vla_core.data.writer import (
     DEFAULT_FEATURES,
     IMAGE_STRUCT,
     LeRobotV3Writer,
@@ -41,7 +41,7 @@ from wmvla.data.writer import (
     validate_episode,
     write_parquet_atomic,
 )
-from wmvla.utils import WmvlaError, atomic_write_json, atomic_write_text
+from vla_core.utils import WmvlaError, atomic_write_json, atomic_write_text
 
 LAYOUTS = ("v3_png", "v3_mp4", "v2.1", "v2.1_png")
 LIBERO_FPS = 10

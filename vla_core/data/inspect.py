@@ -17,8 +17,8 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
 
 
 @dataclass

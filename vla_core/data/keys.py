@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 # Per-frame bookkeeping columns every LeRobot dataset has (LeRobot's DEFAULT_FEATURES).
 INDEX_FEATURES = ("timestamp", "frame_index", "episode_index", "index", "task_index")

@@ -36,9 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.video import VideoReader
-from wmvla.utils import WmvlaError
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.video import VideoReader
+from vla_core.utils import WmvlaError
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 V2_DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"

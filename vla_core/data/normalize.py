@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.utils import WmvlaError, atomic_write_json
+from vla_core.data.keys import DatasetKeys
+from vla_core.utils import WmvlaError, atomic_write_json
 
 MODES = ("mean_std", "quantile")
 EPS = 1e-6  # scales below this are treated as a constant dimension

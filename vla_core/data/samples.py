@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.data.lerobot import LeRobotDataset
-from wmvla.data.windows import clamp_indices, future_offsets, history_offsets
-from wmvla.utils import WmvlaError
+from vla_core.data.keys import DatasetKeys
+from vla_core.data.lerobot import LeRobotDataset
+from vla_core.data.windows import clamp_indices, future_offsets, history_offsets
+from vla_core.utils import WmvlaError
 
 
 class ChunkDataset(Dataset):

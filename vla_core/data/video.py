@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 # Our writer's default. h264 decodes everywhere (PyAV, torchcodec, browsers); LeRobot itself defaults to
 # libsvtav1, which this reader decodes too (PyAV wheels ship dav1d).

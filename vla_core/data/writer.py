@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from wmvla.data.video import DEFAULT_CODEC, VideoFileWriter, video_info
-from wmvla.utils import WmvlaError, atomic_write_json
+from vla_core.data.video import DEFAULT_CODEC, VideoFileWriter, video_info
+from vla_core.utils import WmvlaError, atomic_write_json
 
 CODEBASE_VERSION = "v3.0"
 DEFAULT_CHUNK_SIZE = 1000  # files per chunk folder (LeRobot's default)

@@ -1,1 +1,1 @@
-"""wmvla.envs"""
+"""vla_core.envs"""

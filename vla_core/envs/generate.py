@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import tyro
 
-from wmvla.envs.registry import (
+from vla_core.envs.registry import (
     METAWORLD_CONFIGS_PER_SEED,
     METAWORLD_EVAL_SEED,
     METAWORLD_TRAIN_SEED,
@@ -37,7 +37,7 @@ from wmvla.envs.registry import (
     describe_env,
     resolve_tasks,
 )
-from wmvla.utils import WmvlaError, atomic_write_json, to_jsonable
+from vla_core.utils import WmvlaError, atomic_write_json, to_jsonable
 
 GENERATION_FILE = "meta/wmvla_generation.json"
 
@@ -100,7 +100,7 @@ def _init_worker(backend: str, lp_threads: int) -> None:
 
 def _get_env(env_cfg: EnvConfig, task: str):
     """One env per process, rebuilt when the task or seed changes."""
-    from wmvla.envs.metaworld_env import MetaWorldEnv
+    from vla_core.envs.metaworld_env import MetaWorldEnv
 
     key = (task, env_cfg)
     if _WORKER_ENV.get("key") != key:
@@ -157,8 +157,8 @@ def _job(args: tuple) -> dict:
 
 
 def dataset_features(env_cfg: EnvConfig) -> dict:
-    from wmvla.envs.metaworld_env import RAW_OBS_NAMES, state_names
-    from wmvla.envs.registry import camera_keys
+    from vla_core.envs.metaworld_env import RAW_OBS_NAMES, state_names
+    from vla_core.envs.registry import camera_keys
 
     size = env_cfg.resolved_image_size
     features = {k: {"dtype": "image", "shape": [size, size, 3], "names": ["height", "width", "channels"]}
@@ -197,8 +197,8 @@ def run_generate(cfg: GenerateConfig) -> int:
             f"seed {cfg.eval_seed}: training and evaluation start states would overlap. "
             f"Use another --seed (default {METAWORLD_TRAIN_SEED}) or --eval-seed.")
 
-    from wmvla.data.writer import LeRobotV3Writer
-    from wmvla.envs.metaworld_env import METAWORLD_FPS
+    from vla_core.data.writer import LeRobotV3Writer
+    from vla_core.envs.metaworld_env import METAWORLD_FPS
 
     features = dataset_features(env_cfg)
     writer = LeRobotV3Writer(cfg.out, fps=METAWORLD_FPS, features=features, robot_type="sawyer",

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from wmvla.envs.base import Observation, StepResult
-from wmvla.envs.registry import LIBERO_MAX_STEPS, LIBERO_SUITES
-from wmvla.utils import WmvlaError, atomic_write_text
+from vla_core.envs.base import Observation, StepResult
+from vla_core.envs.registry import LIBERO_MAX_STEPS, LIBERO_SUITES
+from vla_core.utils import WmvlaError, atomic_write_text
 
 ASSETS_ENV_VAR = "WMVLA_LIBERO_ASSETS"
 CONFIG_DIR_ENV_VAR = "WMVLA_LIBERO_CONFIG_DIR"  # where the wmvla-owned config.yaml goes (default below)
@@ -288,7 +288,7 @@ class _SkippableCamera:
 
 
 class LiberoEnv:
-    """One LIBERO task (see the module docstring for the protocol). Implements wmvla.envs.base.RolloutEnv."""
+    """One LIBERO task (see the module docstring for the protocol). Implements vla_core.envs.base.RolloutEnv."""
 
     action_dim = ACTION_DIM
     state_dim = STATE_DIM
@@ -529,7 +529,7 @@ def _missing_file(exc: BaseException) -> str | None:
 
 
 def make_libero_env(cfg, task: str) -> LiberoEnv:
-    """Factory used by wmvla.envs.registry.make_env (cfg: EnvConfig)."""
+    """Factory used by vla_core.envs.registry.make_env (cfg: EnvConfig)."""
     lib = cfg.libero
     return LiberoEnv(
         cfg.resolved_suite,

@@ -22,15 +22,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wmvla.envs.base import Observation, StepResult
-from wmvla.envs.registry import (
+from vla_core.envs.base import Observation, StepResult
+from vla_core.envs.registry import (
     METAWORLD_CONFIGS_PER_SEED,
     METAWORLD_MAX_STEPS_LIMIT,
     EnvConfig,
     camera_keys,
     configure_gl,
 )
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 # One instruction per v3 task, written for this project (MetaWorld ships no language). Each is unique,
 # because the dataset maps instruction strings to task indices.

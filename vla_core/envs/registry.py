@@ -2,7 +2,7 @@
 
 This module imports no simulator: MuJoCo reads `MUJOCO_GL` once, when it is first imported, so a worker
 process must call `configure_gl(cfg.render_backend)` before anything imports mujoco (`make_env` does it).
-The LIBERO adapter lives in `wmvla.envs.libero_env` and is imported only when a LIBERO env is asked for.
+The LIBERO adapter lives in `vla_core.envs.libero_env` and is imported only when a LIBERO env is asked for.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from wmvla.envs.base import RolloutEnv
-from wmvla.utils import WmvlaError
+from vla_core.envs.base import RolloutEnv
+from vla_core.utils import WmvlaError
 
 ENV_NAMES = ("metaworld", "libero")
 
@@ -64,7 +64,7 @@ class MetaWorldSettings:
 
 @dataclass(frozen=True)
 class LiberoSettings:
-    """LIBERO-only settings (read by wmvla.envs.libero_env)."""
+    """LIBERO-only settings (read by vla_core.envs.libero_env)."""
 
     assets_path: str | None = None
     """folder with LIBERO's asset tree; None = $WMVLA_LIBERO_ASSETS, else the installed
@@ -141,7 +141,7 @@ def _check_env(cfg: EnvConfig) -> None:
 
 def list_suites(env: str) -> list[str]:
     if env == "metaworld":
-        from wmvla.envs.metaworld_env import METAWORLD_SUITES
+        from vla_core.envs.metaworld_env import METAWORLD_SUITES
 
         return list(METAWORLD_SUITES)
     if env == "libero":
@@ -157,7 +157,7 @@ def list_tasks(cfg: EnvConfig) -> list[str]:
     if suite not in suites:
         raise WmvlaError(f"unknown {cfg.env} suite {suite!r}; valid suites: {suites}")
     if cfg.env == "metaworld":
-        from wmvla.envs.metaworld_env import METAWORLD_SUITES
+        from vla_core.envs.metaworld_env import METAWORLD_SUITES
 
         return list(METAWORLD_SUITES[suite])
     return list(_libero().libero_task_names(suite))
@@ -202,7 +202,7 @@ def default_max_steps(cfg: EnvConfig, task: str) -> int:
     """Episode limit: cfg.max_steps if set, else the per-task (metaworld) or per-suite (libero) default."""
     if cfg.env == "libero":
         return cfg.max_steps if cfg.max_steps is not None else LIBERO_MAX_STEPS[cfg.resolved_suite]
-    from wmvla.envs.metaworld_env import metaworld_max_steps
+    from vla_core.envs.metaworld_env import metaworld_max_steps
 
     return metaworld_max_steps(task, cfg.max_steps)
 
@@ -215,7 +215,7 @@ def make_env(cfg: EnvConfig, task: str) -> RolloutEnv:
         raise WmvlaError(f"unknown {cfg.env} task {task!r} in suite {cfg.resolved_suite!r}; valid tasks: {valid}")
     configure_gl(cfg.render_backend)
     if cfg.env == "metaworld":
-        from wmvla.envs.metaworld_env import MetaWorldEnv
+        from vla_core.envs.metaworld_env import MetaWorldEnv
 
         return MetaWorldEnv(cfg, task)
     return _libero().make_libero_env(cfg, task)
@@ -224,11 +224,11 @@ def make_env(cfg: EnvConfig, task: str) -> RolloutEnv:
 def _libero():
     """The LIBERO adapter module (imported only when a LIBERO env is asked for)."""
     try:
-        import wmvla.envs.libero_env as libero_env
+        import vla_core.envs.libero_env as libero_env
     except ModuleNotFoundError as e:
-        if e.name != "wmvla.envs.libero_env":
+        if e.name != "vla_core.envs.libero_env":
             raise
-        raise WmvlaError("the LIBERO adapter (wmvla.envs.libero_env) is not part of this installation") from e
+        raise WmvlaError("the LIBERO adapter (vla_core.envs.libero_env) is not part of this installation") from e
     return libero_env
 
 
@@ -245,7 +245,7 @@ def camera_keys(cfg: EnvConfig) -> tuple[str, ...]:
 
 def describe_env(cfg: EnvConfig, tasks: list[str]) -> dict:
     """Every env setting that affects results, resolved (defaults filled in), for summaries and checks."""
-    from wmvla.utils import to_jsonable
+    from vla_core.utils import to_jsonable
 
     out = to_jsonable(cfg)
     out["suite"] = cfg.resolved_suite

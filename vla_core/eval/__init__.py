@@ -1,1 +1,1 @@
-"""wmvla.eval"""
+"""vla_core.eval"""

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from wmvla.utils import WmvlaError, to_jsonable
+from vla_core.utils import WmvlaError, to_jsonable
 
 ROLLOUT_MEMORY_MODES = ("pred", "zero", "random", "shuffle", "none")
 NEEDS_LATENTS = ("pred", "random", "shuffle")
@@ -42,7 +42,7 @@ def eval_dir_for(checkpoint: str | Path, env: str, suite: str, rollout_memory: s
 
         <run>/eval/<step_0000400>__<metaworld>_<core5>__mem-<pred>[__<tag>]/
     """
-    from wmvla.train.checkpoint import resolve_checkpoint
+    from vla_core.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     run_dir = ckpt.parent.parent  # <run>/checkpoints/<step>
@@ -103,7 +103,7 @@ class WorldCheckpointPolicy(CheckpointPolicy):
     def __init__(self, policy, cfg, world_spec: dict, rollout_memory: str, device, seed: int = 0,
                  print_prompt: bool = True):
         super().__init__(policy, cfg, rollout_memory, seed, print_prompt)
-        from wmvla.world.encoder import ClipBuffer, OnlineWorldEncoder
+        from vla_core.world.encoder import ClipBuffer, OnlineWorldEncoder
 
         self.online = OnlineWorldEncoder(world_spec, num_slots=0, device=device)
         if self.online.spec.dim != policy.cfg.world_dim:
@@ -161,7 +161,7 @@ def load_checkpoint_policy(checkpoint_dir: str | Path, rollout_memory: str | Non
     (E0 none, E1 zero, E2 pred, E3 pred). oracle is refused (the future is unknown online). For an E0
     checkpoint (no memory module) any mode is replaced by none, with a note.
     """
-    from wmvla.train.checkpoint import _resolve_device, load_policy, read_world_record
+    from vla_core.train.checkpoint import _resolve_device, load_policy, read_world_record
 
     policy, cfg = load_policy(checkpoint_dir, device=device, use_ema=use_ema)
     has_memory = cfg.policy.memory != "none"

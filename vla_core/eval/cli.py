@@ -3,7 +3,7 @@
     wmvla eval --env metaworld --tasks reach,push --episodes 10 --workers 2 --scripted expert --out runs/eval/expert
     wmvla eval --env libero --suite libero_spatial --episodes 50 --workers 16 --checkpoint CKPT --out runs/eval/e2
     wmvla eval --env libero --suite libero_spatial --episodes 50 --checkpoint CKPT    # -> <run>/eval/<step>__libero_...
-    torchrun --nproc_per_node 4 -m wmvla.cli eval ... --checkpoint CKPT                # 4 shards, merged at the end
+    torchrun --nproc_per_node 4 -m vla_core.cli eval ... --checkpoint CKPT                # 4 shards, merged at the end
     wmvla eval --merge DIR                                                              # merge finished shards
 
 Writes DIR/episodes.jsonl (one line per episode, appended as episodes finish; re-running resumes),
@@ -13,11 +13,11 @@ match) and DIR/videos/*.mp4 (--videos N: episodes with init index < N).
 Episodes of task t use init indices first_init .. first_init + episodes - 1 (MetaWorld: configurations of
 `--seed`, 1000 by default, disjoint from the training seed 0; LIBERO: the suite's fixed init states), so
 every condition evaluated with the same flags faces the same initial conditions and results pair up
-episode by episode (wmvla.eval.stats.compare_episode_files).
+episode by episode (vla_core.eval.stats.compare_episode_files).
 
 Sharding (`--num-shards N --shard-index I`, or RANK / WORLD_SIZE under torchrun): each process evaluates
 its part of the episodes into DIR/shards/ and the last one to finish merges them into DIR/episodes.jsonl
-+ DIR/summary.json (wmvla.eval.shards).
++ DIR/summary.json (vla_core.eval.shards).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from wmvla.envs.registry import (
+from vla_core.envs.registry import (
     METAWORLD_CONFIGS_PER_SEED,
     METAWORLD_EVAL_SEED,
     EnvConfig,
@@ -36,9 +36,9 @@ from wmvla.envs.registry import (
     describe_env,
     resolve_tasks,
 )
-from wmvla.eval.engine import EPISODES_FILE, EngineConfig, EpisodeSpec, run_rollouts
-from wmvla.eval.stats import success_summary
-from wmvla.utils import WmvlaError, atomic_write_json, to_jsonable
+from vla_core.eval.engine import EPISODES_FILE, EngineConfig, EpisodeSpec, run_rollouts
+from vla_core.eval.stats import success_summary
+from vla_core.utils import WmvlaError, atomic_write_json, to_jsonable
 
 SUMMARY_FILE = "summary.json"
 NUM_INIT_STATES = {"metaworld": METAWORLD_CONFIGS_PER_SEED, "libero": 50}
@@ -158,7 +158,7 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
     if (cfg.scripted is None) == (cfg.checkpoint is None):
         raise WmvlaError("choose exactly one policy: --scripted expert|random|noop or --checkpoint DIR")
     if cfg.scripted is not None:
-        from wmvla.eval.scripted import make_scripted_policy
+        from vla_core.eval.scripted import make_scripted_policy
 
         policy = make_scripted_policy(cfg.scripted, env_cfg, seed=cfg.policy_seed)
         return policy, {"kind": "scripted", "name": cfg.scripted, "seed": cfg.policy_seed}, f"scripted-{cfg.scripted}"
@@ -166,11 +166,11 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
     if not ckpt.exists():
         raise WmvlaError(f"--checkpoint {ckpt}: no such folder")
     try:
-        from wmvla.eval.checkpoint_policy import load_checkpoint_policy
+        from vla_core.eval.checkpoint_policy import load_checkpoint_policy
     except ModuleNotFoundError as e:
-        if e.name != "wmvla.eval.checkpoint_policy":
+        if e.name != "vla_core.eval.checkpoint_policy":
             raise
-        raise WmvlaError("checkpoint evaluation is not available in this version (wmvla.eval.checkpoint_policy "
+        raise WmvlaError("checkpoint evaluation is not available in this version (vla_core.eval.checkpoint_policy "
                          "is missing); use --scripted") from e
     device = cfg.device
     if device == "auto":
@@ -181,7 +181,7 @@ def build_policy(cfg: EvalConfig, env_cfg: EnvConfig) -> tuple[Any, dict, str]:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     policy = load_checkpoint_policy(ckpt, cfg.rollout_memory, device, seed=cfg.policy_seed)
     mode = getattr(policy, "rollout_memory", cfg.rollout_memory)  # resolved by the loader
-    from wmvla.train.checkpoint import resolve_checkpoint
+    from vla_core.train.checkpoint import resolve_checkpoint
 
     # the checkpoint folder itself (a run folder given on the command line means its latest checkpoint)
     desc = {"kind": "checkpoint", "checkpoint": str(resolve_checkpoint(ckpt).resolve()), "rollout_memory": mode,
@@ -202,7 +202,7 @@ def checkpoint_summary_keys(policy_desc: dict) -> dict:
 
 
 def run_eval(cfg: EvalConfig) -> int:
-    from wmvla.eval import shards
+    from vla_core.eval import shards
 
     if cfg.merge is not None:
         summary = shards.merge_shards(cfg.merge)
@@ -232,7 +232,7 @@ def run_eval(cfg: EvalConfig) -> int:
     if cfg.out is not None:
         out = Path(cfg.out)
     else:
-        from wmvla.eval.checkpoint_policy import eval_dir_for
+        from vla_core.eval.checkpoint_policy import eval_dir_for
 
         out = eval_dir_for(cfg.checkpoint, env_cfg.env, env_cfg.resolved_suite, policy_desc["rollout_memory"])
         print(f"eval: writing to {out} (the checkpoint's evaluation folder; --out overrides)", flush=True)

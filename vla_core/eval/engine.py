@@ -37,9 +37,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from wmvla.envs.base import Observation
-from wmvla.envs.registry import EnvConfig, action_dim, configure_gl
-from wmvla.utils import WmvlaError, append_jsonl, atomic_write_json, config_diff, read_jsonl, to_jsonable
+from vla_core.envs.base import Observation
+from vla_core.envs.registry import EnvConfig, action_dim, configure_gl
+from vla_core.utils import WmvlaError, append_jsonl, atomic_write_json, config_diff, read_jsonl, to_jsonable
 
 EPISODES_FILE = "episodes.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
@@ -123,7 +123,7 @@ class EnvRunner:
         if self.env is not None and self.env.task_name == task:
             return self.env
         self._close_env()  # one env per worker: episodes arrive grouped by task
-        from wmvla.envs.registry import make_env
+        from vla_core.envs.registry import make_env
 
         self.env = make_env(self.env_cfg, task)
         return self.env
@@ -177,7 +177,7 @@ class EnvRunner:
     def _write_video(self) -> None:
         if not self.video_path or not self.frames:
             return
-        from wmvla.data.video import VideoFileWriter
+        from vla_core.data.video import VideoFileWriter
 
         h, w = self.frames[0].shape[:2]
         vw = VideoFileWriter(self.video_path, self.video_fps, w, h)
@@ -370,7 +370,7 @@ def run_rollouts(
     """Run `episodes` (skipping those already in out_dir/episodes.jsonl); return all records of them.
 
     `episodes_file` / `run_config_file`: other paths relative to out_dir (a shard of a sharded evaluation
-    writes `shards/shard-00-of-04.jsonl`, see wmvla.eval.shards); videos go to out_dir/videos either way."""
+    writes `shards/shard-00-of-04.jsonl`, see vla_core.eval.shards); videos go to out_dir/videos either way."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if engine.replan_steps < 1:

@@ -11,9 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from wmvla.envs.base import Observation
-from wmvla.envs.registry import EnvConfig, action_dim, configure_gl
-from wmvla.utils import WmvlaError
+from vla_core.envs.base import Observation
+from vla_core.envs.registry import EnvConfig, action_dim, configure_gl
+from vla_core.utils import WmvlaError
 
 SCRIPTED_POLICIES = ("expert", "random", "noop")
 
@@ -30,7 +30,7 @@ class ExpertPolicy:
                              "use --scripted random or noop, or a --checkpoint")
         if "mujoco" not in sys.modules:
             configure_gl(env_cfg.render_backend)  # importing metaworld imports mujoco
-        from wmvla.envs.metaworld_env import make_expert
+        from vla_core.envs.metaworld_env import make_expert
 
         self._make_expert = make_expert
         self._by_task: dict[str, Callable[[np.ndarray], np.ndarray]] = {}

@@ -1,7 +1,7 @@
 """Sharded evaluation: the episodes of one `wmvla eval` split over N processes, then merged.
 
     wmvla eval FLAGS --out DIR --num-shards 4 --shard-index 0      # one command per shard (any machines sharing DIR)
-    torchrun --nproc_per_node 4 -m wmvla.cli eval FLAGS --out DIR  # the same: RANK / WORLD_SIZE give the shard
+    torchrun --nproc_per_node 4 -m vla_core.cli eval FLAGS --out DIR  # the same: RANK / WORLD_SIZE give the shard
     wmvla eval --merge DIR                                         # merge by hand (also done by the last shard)
 
 Layout of DIR:
@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Mapping
 
-from wmvla.utils import WmvlaError, atomic_write_json, atomic_write_text, config_diff, read_jsonl, to_jsonable
+from vla_core.utils import WmvlaError, atomic_write_json, atomic_write_text, config_diff, read_jsonl, to_jsonable
 
 SHARDS_DIR = "shards"
 
@@ -185,7 +185,7 @@ def merge_shards(out: str | os.PathLike, quiet_if_incomplete: bool = False) -> d
     merge at the end of each shard: the last one to finish merges). Inconsistent shards always raise.
     The merged files are a pure function of the shard files, so two shards finishing at once write the
     same bytes (atomic replace)."""
-    from wmvla.eval.cli import write_summary
+    from vla_core.eval.cli import write_summary
 
     out = Path(out)
     try:

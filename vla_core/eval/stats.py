@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from wmvla.utils import WmvlaError, read_jsonl
+from vla_core.utils import WmvlaError, read_jsonl
 
 PAIR_KEY = ("env", "suite", "task", "init_index", "seed")
 

@@ -1,1 +1,1 @@
-"""wmvla.experiments"""
+"""vla_core.experiments"""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from wmvla.utils import WmvlaError, atomic_write_json
+from vla_core.utils import WmvlaError, atomic_write_json
 
 
 @dataclass
@@ -63,16 +63,16 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def run_demo_steps(cfg: DemoConfig) -> dict:
-    from wmvla.envs.generate import GenerateConfig, load_generation_record, run_generate
-    from wmvla.experiments.matrix import MatrixConfig, run_matrix_cells
-    from wmvla.world.cache import LatentsConfig, LatentCache, cache_filename, run_latents
-    from wmvla.world.encoder import WorldEncoderSpec
+    from vla_core.envs.generate import GenerateConfig, load_generation_record, run_generate
+    from vla_core.experiments.matrix import MatrixConfig, run_matrix_cells
+    from vla_core.world.cache import LatentsConfig, LatentCache, cache_filename, run_latents
+    from vla_core.world.encoder import WorldEncoderSpec
 
     out = Path(cfg.out) if cfg.out is not None else _default_out()
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "demo.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"config": None, "timings_s": {}}
-    from wmvla.utils import to_jsonable
+    from vla_core.utils import to_jsonable
 
     if record["config"] is not None and record["config"] != to_jsonable(cfg) | {"out": record["config"]["out"]}:
         raise WmvlaError(f"{out} holds a demo made with other settings ({record_path}); use another --out")
@@ -98,7 +98,7 @@ def run_demo_steps(cfg: DemoConfig) -> dict:
         print(f"demo: [1/5] dataset {data} exists", flush=True)
 
     # 2. latents (the demo preset's world encoder spec)
-    from wmvla.train.config import get_preset
+    from vla_core.train.config import get_preset
 
     preset = get_preset("demo")
     spec: WorldEncoderSpec = preset.world

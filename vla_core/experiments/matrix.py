@@ -6,7 +6,7 @@
 
 Everything lands under `--out` (RUN_ROOT), in the layout `wmvla report` reads (docs/experiments.md):
 
-    RUN_ROOT/<E>/<tag>/seed<k>/                      training run (wmvla.train.rundir)
+    RUN_ROOT/<E>/<tag>/seed<k>/                      training run (vla_core.train.rundir)
     RUN_ROOT/<E>/<tag>/seed<k>/eval/<step>__<env>_<suite>__mem-<mode>/   episodes.jsonl + summary.json
     RUN_ROOT/report.md, summary.json, plots/          the report
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from wmvla.train.config import EXPERIMENT_ROLLOUT_MEMORY, EXPERIMENTS, TrainConfig, get_preset
-from wmvla.utils import WmvlaError, to_jsonable
+from vla_core.train.config import EXPERIMENT_ROLLOUT_MEMORY, EXPERIMENTS, TrainConfig, get_preset
+from vla_core.utils import WmvlaError, to_jsonable
 
 
 @dataclass
@@ -158,9 +158,9 @@ class EvalPlan:
 def eval_plan(cfg: MatrixConfig, dataset: str) -> EvalPlan:
     """The evaluation env: for a generated MetaWorld dataset, exactly its render/state settings (recorded in
     meta/wmvla_generation.json) with the evaluation seed; tasks default to the dataset's tasks."""
-    from wmvla.envs.generate import load_generation_record
-    from wmvla.envs.registry import METAWORLD_EVAL_SEED, EnvConfig, LiberoSettings, MetaWorldSettings, resolve_tasks
-    from wmvla.utils import from_dict
+    from vla_core.envs.generate import load_generation_record
+    from vla_core.envs.registry import METAWORLD_EVAL_SEED, EnvConfig, LiberoSettings, MetaWorldSettings, resolve_tasks
+    from vla_core.utils import from_dict
 
     record = load_generation_record(dataset) if dataset and Path(dataset).exists() else None
     env = cfg.env or ("metaworld" if record is not None else "libero")
@@ -188,9 +188,9 @@ def eval_plan(cfg: MatrixConfig, dataset: str) -> EvalPlan:
 def evaluate_checkpoint(ckpt: Path, train_cfg: TrainConfig, mode: str, plan: EvalPlan, cfg: MatrixConfig,
                         device: str) -> dict:
     """One condition: checkpoint x rollout memory -> its eval folder (skipped when already complete)."""
-    from wmvla.eval.checkpoint_policy import eval_dir_for, load_checkpoint_policy
-    from wmvla.eval.cli import SUMMARY_FILE, result_config, write_summary
-    from wmvla.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
+    from vla_core.eval.checkpoint_policy import eval_dir_for, load_checkpoint_policy
+    from vla_core.eval.cli import SUMMARY_FILE, result_config, write_summary
+    from vla_core.eval.engine import EngineConfig, EpisodeSpec, run_rollouts
 
     env_cfg = plan.env_cfg
     out = eval_dir_for(ckpt, env_cfg.env, env_cfg.resolved_suite, mode)
@@ -232,8 +232,8 @@ def run_matrix_cells(cfg: MatrixConfig) -> dict:
     """Train + evaluate every cell, then report. Returns {"train": {...}, "eval": {...}, "report": ...}."""
     import torch
 
-    from wmvla.train.checkpoint import resolve_checkpoint
-    from wmvla.train.loop import train
+    from vla_core.train.checkpoint import resolve_checkpoint
+    from vla_core.train.loop import train
 
     base = base_train_config(cfg)
     if not base.dataset:
@@ -262,7 +262,7 @@ def run_matrix_cells(cfg: MatrixConfig) -> dict:
             finally:
                 torch.set_num_threads(threads)
     if cfg.report and plan is not None:
-        from wmvla.experiments.report import ReportConfig, run_report
+        from vla_core.experiments.report import ReportConfig, run_report
 
         print("matrix: writing the report", flush=True)
         run_report(ReportConfig(run_root=cfg.out))
@@ -272,7 +272,7 @@ def run_matrix_cells(cfg: MatrixConfig) -> dict:
 
 def _write_plan(cfg: MatrixConfig, base: TrainConfig, plan: EvalPlan | None, cells: list) -> None:
     """RUN_ROOT/matrix.json: what this matrix runs (appended per invocation, never overwritten)."""
-    from wmvla.utils import append_jsonl
+    from vla_core.utils import append_jsonl
 
     append_jsonl(cfg.out / "matrix_runs.jsonl", {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "matrix": to_jsonable(cfg),

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from wmvla.eval.stats import (
+from vla_core.eval.stats import (
     PAIR_KEY,
     mcnemar_exact,
     min_detectable_difference,
@@ -37,8 +37,8 @@ from wmvla.eval.stats import (
     required_n_two_proportions,
     success_summary,
 )
-from wmvla.train.config import EXPERIMENT_ROLLOUT_MEMORY, EXPERIMENTS
-from wmvla.utils import WmvlaError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl
+from vla_core.train.config import EXPERIMENT_ROLLOUT_MEMORY, EXPERIMENTS
+from vla_core.utils import WmvlaError, atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ReportConfig:
     reporting the refusal and going on."""
 
 
-# Short labels for tables and legends (the full meanings: wmvla.train.config.EXPERIMENT_MEANING).
+# Short labels for tables and legends (the full meanings: vla_core.train.config.EXPERIMENT_MEANING).
 EXPERIMENT_MEANING = {
     "E0": "no memory (baseline)",
     "E1": "zero memory (capacity control)",
@@ -268,7 +268,7 @@ def load_train_runs(run_root: Path) -> list[TrainRun]:
         experiment = _experiment_from_path(rel) or (parts[0] if parts else "?")
         tag = parts[1] if len(parts) >= 3 else rel.as_posix()
         records = read_jsonl(log)
-        for r in read_jsonl(log.parent / "val_log.jsonl"):  # wmvla.train.rundir.VAL_LOG
+        for r in read_jsonl(log.parent / "val_log.jsonl"):  # vla_core.train.rundir.VAL_LOG
             records.append({(k if k == "step" or k.startswith("val_") else f"val_{k}"): v for k, v in r.items()})
         records.sort(key=lambda r: r.get("step", 0))  # stable: train rows keep their order
         out.append(TrainRun(log.parent, experiment, tag, _seed_from_path(rel), records,
@@ -796,7 +796,7 @@ def plot_gates(train_runs: list[TrainRun], path: Path) -> bool:
     return True
 
 
-# Validation keys plotted first (written by wmvla.train.loop.validate into val_log.jsonl), each with its
+# Validation keys plotted first (written by vla_core.train.loop.validate into val_log.jsonl), each with its
 # mean-action baseline (the earlier attempt's policy regressed to the mean; the baseline line shows it).
 PREFERRED_VAL_KEYS = ("val_action_mse", "val_action_mae_real")
 

@@ -1,1 +1,1 @@
-"""wmvla.policy"""
+"""vla_core.policy"""

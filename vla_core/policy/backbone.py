@@ -31,8 +31,8 @@ import os
 import torch
 from torch import nn
 
-from wmvla.policy.config import PolicyConfig
-from wmvla.utils import WmvlaError
+from vla_core.policy.config import PolicyConfig
+from vla_core.utils import WmvlaError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Policy configuration: one dataclass, JSON round-trip with `wmvla.utils.to_jsonable` / `from_dict`.
+"""Policy configuration: one dataclass, JSON round-trip with `vla_core.utils.to_jsonable` / `from_dict`.
 
 The config alone (plus the normalisation stats and the trainable-weights state dict) rebuilds a policy:
 `VLAPolicy.from_config(cfg, stats)` constructs the same modules, and for the offline "tiny" backbone the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl")
 HEADS = ("mse", "flow")
@@ -105,7 +105,7 @@ class PolicyConfig:
     prophet_heads: int = 8
     prophet_delta: bool = True
     prophet_loss: str = "both"
-    """"mse", "cosine" or "both" on standardised latents (wmvla.world.prophet)"""
+    """"mse", "cosine" or "both" on standardised latents (vla_core.world.prophet)"""
     world_loss_weight: float = 1.0
     """weight of the Prophet's loss in the total loss (the policy owns and trains the Prophet)"""
     detach_memory: bool = True

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 
 class GatedMemoryAttention(nn.Module):

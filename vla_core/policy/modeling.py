@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmvla.policy.backbone import VLBackbone
-from wmvla.policy.config import PolicyConfig
-from wmvla.policy.heads import FlowHead, MSEHead, masked_mse
-from wmvla.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
-from wmvla.policy.processing import PolicyProcessor, move_to_device, pixel_values_from_images
-from wmvla.utils import WmvlaError
+from vla_core.policy.backbone import VLBackbone
+from vla_core.policy.config import PolicyConfig
+from vla_core.policy.heads import FlowHead, MSEHead, masked_mse
+from vla_core.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
+from vla_core.policy.processing import PolicyProcessor, move_to_device, pixel_values_from_images
+from vla_core.utils import WmvlaError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class VLAPolicy(nn.Module):
             self.state_proj = (nn.Sequential(nn.Linear(cfg.state_dim, d), nn.SiLU(), nn.Linear(d, d))
                                if cfg.use_state else None)
             if cfg.has_memory:
-                from wmvla.world.prophet import Prophet, ProphetConfig
+                from vla_core.world.prophet import Prophet, ProphetConfig
 
                 self.memory = GatedMemoryAttention(d, cfg.world_dim, cfg.world_horizon, cfg.memory_heads,
                                                    cfg.memory_gate)

@@ -9,7 +9,7 @@ latents) -> model inputs:
   - images resized to `image_size` x `image_size` by `resize_images` (bicubic, antialiased, rounded back to
     uint8 like a PIL resize). They stay uint8 until the model: `pixel_values_from_images` (normalise +
     Qwen patch layout) runs on the model's device inside forward, so only uint8 crosses the host-device link.
-  - state and actions normalised with wmvla.data.normalize (the single normalise/unnormalise pair).
+  - state and actions normalised with vla_core.data.normalize (the single normalise/unnormalise pair).
 
 Why our own image patchify instead of transformers' image processor: transformers' Qwen2-VL image processor
 classes changed names and backends between the versions we support (5.17 on the GPU machine, 5.24 here:
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wmvla.policy.backbone import IMAGE_PAD
-from wmvla.policy.config import PolicyConfig
-from wmvla.utils import WmvlaError
+from vla_core.policy.backbone import IMAGE_PAD
+from vla_core.policy.config import PolicyConfig
+from vla_core.utils import WmvlaError
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:
@@ -82,8 +82,8 @@ def pixel_values_from_images(images: torch.Tensor, mean: Sequence[float], std: S
 
 
 def _normalize_fns():
-    # Imported lazily: wmvla.data.normalize is the one normalise/unnormalise pair (never re-implemented here).
-    from wmvla.data.normalize import normalize, unnormalize
+    # Imported lazily: vla_core.data.normalize is the one normalise/unnormalise pair (never re-implemented here).
+    from vla_core.data.normalize import normalize, unnormalize
 
     return normalize, unnormalize
 
@@ -105,7 +105,7 @@ class PolicyProcessor:
         for key in (cfg.action_key,) + ((cfg.state_key,) if cfg.use_state else ()):
             if key not in stats:
                 raise WmvlaError(f"normalisation stats have no entry for {key!r} (found {sorted(stats)}). "
-                                 "Compute them with wmvla.data.normalize.compute_stats for the policy's keys.")
+                                 "Compute them with vla_core.data.normalize.compute_stats for the policy's keys.")
 
     @classmethod
     def from_backbone(cls, cfg: PolicyConfig, backbone, stats: Mapping) -> "PolicyProcessor":

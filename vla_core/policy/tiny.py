@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wmvla.policy.config import PolicyConfig, tiny_policy_config
+from vla_core.policy.config import PolicyConfig, tiny_policy_config
 
 __all__ = ["tiny_policy_config", "tiny_norm_stats", "random_batch", "random_observation"]
 
@@ -18,7 +18,7 @@ TASKS = ("pick up the black bowl and place it on the plate", "open the top drawe
 
 def tiny_norm_stats(cfg: PolicyConfig, seed: int = 0, frames: int = 256) -> dict:
     """NormStats for random data shaped like the config: state mean/std, action quantile, gripper passthrough."""
-    from wmvla.data.normalize import feature_stats
+    from vla_core.data.normalize import feature_stats
 
     rng = np.random.default_rng(seed)
     state = rng.normal(size=(frames, cfg.state_dim)) * 2.0 + 1.0

@@ -1,1 +1,1 @@
-"""wmvla.train"""
+"""vla_core.train"""

@@ -8,7 +8,7 @@ A checkpoint folder `<run>/checkpoints/step_000500/` holds
                         (hub id / local folder / seeded tiny) and checked against `meta.json`'s fingerprint.
     ema.safetensors     EMA of the trained weights (only when optim.ema_decay > 0)
     config.json         the full, resolved TrainConfig
-    norm_stats.json     state/action normalisation statistics (wmvla.data.normalize format)
+    norm_stats.json     state/action normalisation statistics (vla_core.data.normalize format)
     tokenizer/          the backbone tokenizer including the <ACT_i> tokens
     world_spec.json     {"spec": resolved WorldEncoderSpec or null (E0), "latents": cache path, ...}
     meta.json           step, names/shapes of the saved tensors, frozen-weights fingerprint, versions
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wmvla.train.rundir import CKPT_DIR, LATEST, latest_checkpoint
-from wmvla.utils import WmvlaError, atomic_write_json, atomic_write_text, config_diff, to_jsonable
+from vla_core.train.rundir import CKPT_DIR, LATEST, latest_checkpoint
+from vla_core.utils import WmvlaError, atomic_write_json, atomic_write_text, config_diff, to_jsonable
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -132,7 +132,7 @@ def save_checkpoint(
     otherwise they are read from `model`, whose tensors must then be whole."""
     from safetensors.torch import save_file
 
-    from wmvla.data.normalize import save_stats
+    from vla_core.data.normalize import save_stats
 
     ckpt_root = Path(run_dir) / CKPT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -315,10 +315,10 @@ def load_policy(checkpoint_dir: str | Path, device: str | torch.device | None = 
     trained on, saved tensors that do not fit, and any field of `expect` (a nested dict of TrainConfig
     fields the caller requires, e.g. {"policy": {"backbone": ...}, "keys": {...}}) that differs.
     """
-    from wmvla.data.normalize import load_stats
-    from wmvla.policy.modeling import VLAPolicy
-    from wmvla.train.config import TrainConfig
-    from wmvla.utils import from_dict
+    from vla_core.data.normalize import load_stats
+    from vla_core.policy.modeling import VLAPolicy
+    from vla_core.train.config import TrainConfig
+    from vla_core.utils import from_dict
 
     ckpt = resolve_checkpoint(checkpoint_dir)
     raw = read_checkpoint_config(ckpt)

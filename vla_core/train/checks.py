@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from wmvla.train.fsdp import local
-from wmvla.utils import WmvlaError
+from vla_core.train.fsdp import local
+from vla_core.utils import WmvlaError
 
 ReduceMax = Callable[[torch.Tensor], torch.Tensor] | None
 

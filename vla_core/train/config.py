@@ -16,10 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from wmvla.data.keys import DatasetKeys
-from wmvla.policy.config import PolicyConfig, tiny_policy_config
-from wmvla.utils import WmvlaError
-from wmvla.world.encoder import WorldEncoderSpec
+from vla_core.data.keys import DatasetKeys
+from vla_core.policy.config import PolicyConfig, tiny_policy_config
+from vla_core.utils import WmvlaError
+from vla_core.world.encoder import WorldEncoderSpec
 
 Experiment = Literal["E0", "E1", "E2", "E3"]
 EXPERIMENTS = ("E0", "E1", "E2", "E3")

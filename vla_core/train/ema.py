@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from wmvla.train.fsdp import full, is_dtensor, local
+from vla_core.train.fsdp import full, is_dtensor, local
 
 
 class EMA:

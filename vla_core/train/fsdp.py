@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 
 def is_dtensor(t) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wmvla.utils import append_jsonl
+from vla_core.utils import append_jsonl
 
 
 class TrainLogger:

@@ -1,9 +1,9 @@
 """`wmvla train`: one readable training loop (nanoGPT / torchtitan style) on top of accelerate.
 
     wmvla train --preset tiny --dataset DS --latents DS_LATENTS.npy
-    accelerate launch --num_processes 4 -m wmvla.cli train --preset libero-2b --dataset /data/libero
-    torchrun --nproc_per_node 4 -m wmvla.cli train --preset libero-2b ...
-    torchrun --nproc_per_node 4 -m wmvla.cli train --preset libero-2b --distributed fsdp \
+    accelerate launch --num_processes 4 -m vla_core.cli train --preset libero-2b --dataset /data/libero
+    torchrun --nproc_per_node 4 -m vla_core.cli train --preset libero-2b ...
+    torchrun --nproc_per_node 4 -m vla_core.cli train --preset libero-2b --distributed fsdp \
         --policy.backbone Qwen/Qwen3-VL-8B-Instruct     # sharded weights / grads / AdamW state (FSDP2)
 
 Order of one optimizer step: `grad_accum` micro-batches (DDP / FSDP gradient sync only on the last), gradient
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmvla.train.checks import (
+from vla_core.train.checks import (
     ParamSnapshot,
     check_first_step,
     check_fp32_trainable,
@@ -49,8 +49,8 @@ from wmvla.train.checks import (
     grad_status,
     merge_grad_status,
 )
-from wmvla.train.config import PRESETS, TrainConfig  # noqa: F401  (PRESETS: `wmvla train --preset NAME`)
-from wmvla.train.rundir import (
+from vla_core.train.config import PRESETS, TrainConfig  # noqa: F401  (PRESETS: `wmvla train --preset NAME`)
+from vla_core.train.rundir import (
     CONFIG_FILE,
     DONE_FILE,
     TRAIN_LOG,
@@ -61,7 +61,7 @@ from wmvla.train.rundir import (
     run_tag,
     truncate_log,
 )
-from wmvla.utils import WmvlaError, atomic_write_json, seed_everything, to_jsonable
+from vla_core.utils import WmvlaError, atomic_write_json, seed_everything, to_jsonable
 
 FIRST_CHECK_STEPS = 3
 # Trainable parameters whose gradient is zero by construction (allowed in the first-steps check): with zero
@@ -106,7 +106,7 @@ class TrainCollate:
         self.world = world
 
     def __call__(self, samples: list[dict]) -> dict:
-        from wmvla.data.samples import collate_samples
+        from vla_core.data.samples import collate_samples
 
         batch = collate_samples(samples)
         if self.world is not None:
@@ -195,7 +195,7 @@ class ValData:
 def validate(policy, val: ValData, seed: int, extra_modes: tuple[str, ...] = ()) -> dict:
     """Held-out metrics: losses, action error (normalised and real units) vs the mean-action baseline,
     per-k Prophet metrics vs copy-the-present. Uses its own generator (same noise at every validation)."""
-    from wmvla.world.prophet import add_metric_sums
+    from vla_core.world.prophet import add_metric_sums
 
     was_training = policy.training
     policy.eval()
@@ -249,7 +249,7 @@ def validate(policy, val: ValData, seed: int, extra_modes: tuple[str, ...] = ())
     for m in extra_modes:
         rec[f"action_mse_{m}_memory"] = mode_se[m] / sums["n_vals"]
     if prophet_sums is not None:
-        from wmvla.world.prophet import Prophet
+        from vla_core.world.prophet import Prophet
 
         for k, v in Prophet.finalize_metrics(prophet_sums).items():
             rec[f"prophet_{k}"] = v
@@ -282,16 +282,16 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 def prepare_run(cfg: TrainConfig) -> Setup:
     """Open and check the data and the latent cache; resolve data-determined policy fields; split; stats."""
-    from wmvla.data.lerobot import LeRobotDataset
-    from wmvla.data.normalize import compute_stats
-    from wmvla.train.config import resolve_for_data
+    from vla_core.data.lerobot import LeRobotDataset
+    from vla_core.data.normalize import compute_stats
+    from vla_core.train.config import resolve_for_data
 
     if not cfg.dataset:
         raise WmvlaError("no dataset: pass --dataset PATH_OR_REPO (a LeRobot v3.0/v2.1 folder or hub id)")
     ds = LeRobotDataset.open(cfg.dataset, cfg.keys, revision=cfg.dataset_revision)
     cache = None
     if cfg.uses_latents:
-        from wmvla.world.cache import LatentCache, default_cache_path
+        from vla_core.world.cache import LatentCache, default_cache_path
 
         path = cfg.latents or str(default_cache_path(cfg.dataset, cfg.world))
         cache = LatentCache.open(path, expect=cfg.world, dataset=ds)
@@ -306,7 +306,7 @@ def prepare_run(cfg: TrainConfig) -> Setup:
 
 
 def build_policy(cfg: TrainConfig, stats: dict, cache=None):
-    from wmvla.policy.modeling import VLAPolicy
+    from vla_core.policy.modeling import VLAPolicy
 
     policy = VLAPolicy(cfg.policy, stats)
     if cache is not None and policy.prophet is not None:
@@ -349,8 +349,8 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from wmvla.data.samples import ChunkDataset
-    from wmvla.train.checkpoint import (
+    from vla_core.data.samples import ChunkDataset
+    from vla_core.train.checkpoint import (
         STATE_FILE,
         frozen_fingerprint,
         load_trained_weights,
@@ -359,8 +359,8 @@ def train(cfg: TrainConfig) -> dict:
         set_rng_state,
         step_name,
     )
-    from wmvla.train.ema import EMA
-    from wmvla.train.fsdp import (
+    from vla_core.train.ema import EMA
+    from vla_core.train.fsdp import (
         all_reduce_max,
         full,
         full_model_state,
@@ -368,9 +368,9 @@ def train(cfg: TrainConfig) -> dict:
         load_optimizer_state,
         shard_policy,
     )
-    from wmvla.train.logger import TrainLogger
-    from wmvla.train.sampler import ResumableBatchSampler
-    from wmvla.train.schedule import set_lr
+    from vla_core.train.logger import TrainLogger
+    from vla_core.train.sampler import ResumableBatchSampler
+    from vla_core.train.schedule import set_lr
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     accelerator = Accelerator(
@@ -655,13 +655,13 @@ def _refuse_sharded_training(accelerator) -> None:
         raise WmvlaError(
             f"wmvla train does not support {kind.value} through an accelerate config: the loop applies FSDP itself. "
             "Launch without the FSDP/DeepSpeed config and pass --distributed fsdp, e.g. `torchrun --nproc_per_node 8 "
-            "-m wmvla.cli train --preset libero-2b --distributed fsdp` or `accelerate launch --num_processes 8 -m "
-            "wmvla.cli train ... --distributed fsdp` (docs/training.md 'Multiple GPUs').")
+            "-m vla_core.cli train --preset libero-2b --distributed fsdp` or `accelerate launch --num_processes 8 -m "
+            "vla_core.cli train ... --distributed fsdp` (docs/training.md 'Multiple GPUs').")
 
 
 def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> ValData:
-    from wmvla.data.normalize import normalize
-    from wmvla.data.samples import ChunkDataset
+    from vla_core.data.normalize import normalize
+    from vla_core.data.samples import ChunkDataset
 
     p = rcfg.policy
     val_set = ChunkDataset(ds, chunk_size=p.chunk_size, history=p.world_history, horizon=p.world_horizon,

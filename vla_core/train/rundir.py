@@ -8,7 +8,7 @@ Layout of a run directory:
     train_log.jsonl        one line per logged step (step, action_loss, world_loss, gate, lr, ...)
     val_log.jsonl          one line per validation (step, action errors, baseline, per-k Prophet metrics)
     tb/                    TensorBoard events
-    checkpoints/step_000500/   checkpoint folders (see wmvla.train.checkpoint)
+    checkpoints/step_000500/   checkpoint folders (see vla_core.train.checkpoint)
     checkpoints/latest     text file naming the newest complete checkpoint folder
     done.json              written last: the run finished (final step, final metrics, checkpoint name)
 """
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from wmvla.utils import WmvlaError, config_diff, read_jsonl
+from vla_core.utils import WmvlaError, config_diff, read_jsonl
 
 DONE_FILE = "done.json"
 CONFIG_FILE = "config.json"
@@ -100,7 +100,7 @@ def check_same_config(run_dir: Path, expected: dict, found: dict) -> None:
 
 def truncate_log(path: Path, max_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log continues seamlessly."""
-    from wmvla.utils import atomic_write_text
+    from vla_core.utils import atomic_write_text
     import json
 
     if not path.exists():

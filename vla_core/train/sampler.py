@@ -49,7 +49,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.global_batch = batch_size * world_size
         step_samples = self.global_batch * grad_accum
         if len(self.indices) < step_samples:
-            from wmvla.utils import WmvlaError
+            from vla_core.utils import WmvlaError
 
             raise WmvlaError(
                 f"the training split has {len(self.indices)} samples, fewer than one optimizer step "

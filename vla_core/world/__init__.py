@@ -1,1 +1,1 @@
-"""wmvla.world"""
+"""vla_core.world"""

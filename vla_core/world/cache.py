@@ -31,8 +31,8 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
-from wmvla.utils import WmvlaError, atomic_write_json, config_diff, to_jsonable
-from wmvla.world.encoder import (
+from vla_core.utils import WmvlaError, atomic_write_json, config_diff, to_jsonable
+from vla_core.world.encoder import (
     PREPROCESSING_DESCRIPTION,
     WorldEncoder,
     WorldEncoderSpec,
@@ -511,7 +511,7 @@ class LatentsConfig:
 
 
 def run_latents(cfg: LatentsConfig) -> int:
-    from wmvla.data.lerobot import LeRobotDataset
+    from vla_core.data.lerobot import LeRobotDataset
 
     ds = LeRobotDataset.open(cfg.dataset, None, revision=cfg.dataset_revision)  # only the camera is read
     spec = cfg.spec()

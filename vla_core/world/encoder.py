@@ -2,7 +2,7 @@
 
 One latent z_t summarises the clip of the last `window` (m) frames of an episode, ending at step t. At the
 start of an episode the clip is clamped by repeating the first frame (`ClipBuffer`), never by reaching into
-the previous episode. Precompute (`wmvla.world.cache`) and online rollout (`OnlineWorldEncoder`) both go
+the previous episode. Precompute (`vla_core.world.cache`) and online rollout (`OnlineWorldEncoder`) both go
 through exactly the same objects: `WorldEncoder.preprocess_frames` (once per frame) -> `ClipBuffer.push`
 -> `WorldEncoder.encode_preprocessed`. The encoder settings are one `WorldEncoderSpec`, stored with the
 cache and the checkpoint; evaluation rebuilds the encoder from that record, so an m=1 vs m=4 mismatch (as
@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from wmvla.utils import WmvlaError
+from vla_core.utils import WmvlaError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,7 +136,7 @@ class ClipBuffer:
     """Rolling buffer of the last m items of ONE episode; `push` returns the clip ending at the new item.
 
     The first push of an episode fills the buffer with m copies of the first item, so the clip at step t
-    is items[max(0, t-m+1) .. t] - the same clamping as `wmvla.data.windows.clamp_indices` with offsets
+    is items[max(0, t-m+1) .. t] - the same clamping as `vla_core.data.windows.clamp_indices` with offsets
     -(m-1)..0. Call `reset()` at every episode start. Items are opaque (preprocessed frame tensors in
     precompute and rollout; latents or indices work too).
     """

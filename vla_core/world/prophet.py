@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmvla.data.windows import clamp_indices, future_offsets, history_offsets
-from wmvla.utils import WmvlaError
+from vla_core.data.windows import clamp_indices, future_offsets, history_offsets
+from vla_core.utils import WmvlaError
 
 
 @dataclass(frozen=True)

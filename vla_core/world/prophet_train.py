@@ -23,9 +23,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from wmvla.utils import WmvlaError, append_jsonl, atomic_path, atomic_write_json, seed_everything, to_jsonable
-from wmvla.world.cache import LatentCache, positional
-from wmvla.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
+from vla_core.utils import WmvlaError, append_jsonl, atomic_path, atomic_write_json, seed_everything, to_jsonable
+from vla_core.world.cache import LatentCache, positional
+from vla_core.world.prophet import Prophet, ProphetConfig, add_metric_sums, episode_windows
 
 
 @dataclass
@@ -195,7 +195,7 @@ def load_prophet(folder: str | Path, device: str = "cpu") -> tuple[Prophet, dict
 def run_prophet_train(cfg: ProphetTrainConfig) -> int:
     from safetensors.torch import save_file
 
-    from wmvla.data.lerobot import LeRobotDataset
+    from vla_core.data.lerobot import LeRobotDataset
 
     if not cfg.dataset:
         raise WmvlaError("--dataset is required: the dataset the cache was computed from (for episode boundaries).")
