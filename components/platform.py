@@ -1,0 +1,71 @@
+"""The one place that says where each microjob runs: image, node pool, GPUs, CPU/memory, secrets,
+volumes and labels; and the names it shares with the Helm chart (charts/wmvla).
+
+`Platform()` holds the defaults; the chart's values.yaml carries the same defaults and
+tests/test_chart.py renders the chart and checks every shared name against this class.
+`Platform.from_chart_values(values)` maps a values file an admin installed the chart with onto these
+fields, so `wmvla pipeline compile --values my-values.yaml` compiles a pipeline that matches that install.
+Image references are set at compile time (registry, tag); the images themselves are images/*.Dockerfile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import vla_core
+from vla_core import env_names
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one microjob's pod asks for. cpu/memory are requests (limits for memory), gpus a limit."""
+
+    cpu: str
+    memory: str
+    gpus: int = 0
+    shm: str = ""  # a memory-backed /dev/shm of this size ("" = none): DataLoader workers, env workers
+
+
+@dataclass(frozen=True)
+class Platform:
+    # images: <registry>/<name>:<tag>, one per kind of microjob (images/<kind>.Dockerfile)
+    registry: str = "ghcr.io/wmvla"
+    tag: str = vla_core.__version__
+    image_cpu: str = "wmvla-cpu"
+    image_train: str = "wmvla-train"
+    image_eval: str = "wmvla-eval"
+
+    # identity and names shared with the chart
+    service_account: str = "wmvla-pipeline"
+    store_secret: str = "wmvla-object-store"  # keys: env_names.AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    store_config: str = "wmvla-object-store"  # ConfigMap: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, WMVLA_RESULTS_URI
+    hf_secret: str = "wmvla-hf-token"  # key: env_names.HF_TOKEN
+    model_cache_pvc: str = "wmvla-model-cache"
+    model_cache_mount: str = "/models"  # HF_HOME inside GPU pods
+    metrics_config: str = "wmvla-metrics"  # ConfigMap: WMVLA_PUSHGATEWAY_URL, WMVLA_METRICS_PORT
+    metrics_port: int = 9400
+    part_of_label: str = "app.kubernetes.io/part-of"  # = "wmvla" on every pod (the PodMonitor selects it)
+    part_of_value: str = "wmvla"
+    microjob_label: str = "wmvla.io/microjob"
+    eval_priority_class: str = "wmvla-eval"
+
+    # the GPU node pool
+    gpu_node_label: str = "nvidia.com/gpu.product"
+    gpu_node_value: str = "NVIDIA-L40S"
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_toleration_key: str = "nvidia.com/gpu"
+
+    # env names the pods get (defined in vla_core; listed here so the chart test can check its keys)
+    secret_env: tuple[str, ...] = (env_names.AWS_ACCESS_KEY_ID, env_names.AWS_SECRET_ACCESS_KEY)
+    hf_env: str = env_names.HF_TOKEN
+
+    def image(self, kind: str) -> str:
+        name = {"cpu": self.image_cpu, "train": self.image_train, "eval": self.image_eval}[kind]
+        return f"{self.registry}/{name}:{self.tag}"
+
+    def replace(self, **changes) -> "Platform":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT = Platform()
