@@ -67,5 +67,71 @@ class Platform:
     def replace(self, **changes) -> "Platform":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_chart_values(cls, values: dict) -> "Platform":
+        """The Platform that matches an install of charts/wmvla with `values` (the values file the admin
+        installed with, or all of `helm get values RELEASE --all -o yaml`). A setting the file does not give
+        keeps the chart's default, which is this class's default (tests/test_chart.py checks both agree).
+        Two names can be "": store_secret under workload identity (objectStore.credentials.source:
+        workloadIdentity, no static keys: pods get credentials from the service account) and hf_secret with
+        huggingface.token.source: none (public models only); the pods then get no such secret."""
+        if not isinstance(values, dict):
+            raise TypeError(f"chart values: expected a mapping (a parsed values.yaml), found {type(values).__name__}")
+        changes = {name: value for name, path, kind in _CHART_FIELDS
+                   if (value := _chart_value(values, path, kind)) is not None}
+        source = _chart_value(values, "objectStore.credentials.source", str)
+        if source == "workloadIdentity":
+            changes["store_secret"] = ""
+        hf_source = _chart_value(values, "huggingface.token.source", str)
+        if hf_source == "none":
+            changes["hf_secret"] = ""
+        return cls(**changes)
+
+
 
 DEFAULT = Platform()
+
+# Platform field <- dotted path in charts/wmvla/values.yaml, and the type the value must have there.
+_CHART_FIELDS: tuple[tuple[str, str, type], ...] = (
+    ("registry", "images.registry", str),
+    ("tag", "images.tag", str),
+    ("image_cpu", "images.cpu", str),
+    ("image_train", "images.train", str),
+    ("image_eval", "images.eval", str),
+    ("service_account", "serviceAccount.name", str),
+    ("store_secret", "objectStore.credentials.secretName", str),
+    ("store_config", "objectStore.configMapName", str),
+    ("hf_secret", "huggingface.token.secretName", str),
+    ("model_cache_pvc", "modelCache.claimName", str),
+    ("model_cache_mount", "modelCache.mountPath", str),
+    ("metrics_config", "metrics.configMapName", str),
+    ("metrics_port", "metrics.port", int),
+    ("part_of_label", "partOf.label", str),
+    ("part_of_value", "partOf.value", str),
+    ("microjob_label", "microjobLabel", str),
+    ("eval_priority_class", "priorityClass.name", str),
+    ("gpu_node_label", "gpuPool.nodeLabel", str),
+    ("gpu_node_value", "gpuPool.nodeValue", str),
+    ("gpu_resource", "gpuPool.resource", str),
+    ("gpu_toleration_key", "gpuPool.tolerationKey", str),
+)
+
+
+def _chart_value(values: dict, path: str, kind: type):
+    """values[a][b]... for path "a.b", None when a level is absent or null; a clear error on a wrong type."""
+    node = values
+    keys = path.split(".")
+    for depth, key in enumerate(keys):
+        if node is None:
+            return None
+        if not isinstance(node, dict):
+            where = ".".join(keys[:depth])
+            raise ValueError(f"chart values: {where} should be a mapping, found {type(node).__name__} {node!r}")
+        node = node.get(key)
+    if node is None:
+        return None
+    if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
+        hint = " (quote it in YAML: \"0.1\" is a string, 0.1 a number)" if kind is str else ""
+        raise ValueError(f"chart values: {path} should be a {kind.__name__}, found {type(node).__name__} "
+                         f"{node!r}{hint}")
+    return node
