@@ -5,7 +5,9 @@ volumes and labels; and the names it shares with the Helm chart (charts/wmvla).
 tests/test_chart.py renders the chart and checks every shared name against this class.
 `Platform.from_chart_values(values)` maps a values file an admin installed the chart with onto these
 fields, so `wmvla pipeline compile --values my-values.yaml` compiles a pipeline that matches that install.
-Image references are set at compile time (registry, tag); the images themselves are images/*.Dockerfile.
+Image references are set at compile time (registry, tag); the images themselves are the targets of
+images/Dockerfile (one per kind in IMAGE_KINDS). `python -m components.platform images --registry R --tag T`
+prints them for the build script and the CI workflow, so no other file spells an image name.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ class Resources:
     shm: str = ""  # a memory-backed /dev/shm of this size ("" = none): DataLoader workers, env workers
 
 
+# the kinds of microjob image = the build targets of images/Dockerfile (tests/test_images.py checks both agree)
+IMAGE_KINDS = ("cpu", "train", "eval")
+
+
 @dataclass(frozen=True)
 class Platform:
-    # images: <registry>/<name>:<tag>, one per kind of microjob (images/<kind>.Dockerfile)
+    # images: <registry>/<name>:<tag>, one per kind of microjob (a target of images/Dockerfile)
     registry: str = "ghcr.io/wmvla"
     tag: str = vla_core.__version__
     image_cpu: str = "wmvla-cpu"
@@ -61,8 +67,10 @@ class Platform:
     hf_env: str = env_names.HF_TOKEN
 
     def image(self, kind: str) -> str:
-        name = {"cpu": self.image_cpu, "train": self.image_train, "eval": self.image_eval}[kind]
-        return f"{self.registry}/{name}:{self.tag}"
+        names = {"cpu": self.image_cpu, "train": self.image_train, "eval": self.image_eval}
+        if kind not in names:
+            raise ValueError(f"unknown image kind {kind!r}; expected one of {list(IMAGE_KINDS)}")
+        return f"{self.registry}/{names[kind]}:{self.tag}"
 
     def replace(self, **changes) -> "Platform":
         return dataclasses.replace(self, **changes)
@@ -135,3 +143,24 @@ def _chart_value(values: dict, path: str, kind: type):
         raise ValueError(f"chart values: {path} should be a {kind.__name__}, found {type(node).__name__} "
                          f"{node!r}{hint}")
     return node
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m components.platform images [--registry R] [--tag T]`: one `KIND REFERENCE` line per image.
+    Stdlib only (runs before anything is installed, e.g. in CI before the images exist)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m components.platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    images = sub.add_parser("images", help="print `KIND REFERENCE` for every microjob image")
+    images.add_argument("--registry", default=DEFAULT.registry, help=f"default {DEFAULT.registry}")
+    images.add_argument("--tag", default=DEFAULT.tag, help=f"default {DEFAULT.tag} (CI: the commit SHA)")
+    args = parser.parse_args(argv)
+    platform = DEFAULT.replace(registry=args.registry.rstrip("/"), tag=args.tag)
+    for kind in IMAGE_KINDS:
+        print(kind, platform.image(kind))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
