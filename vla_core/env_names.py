@@ -20,6 +20,8 @@ HF_HOME = "HF_HOME"
 # metrics (vla_core.telemetry): an HTTP endpoint on this port, and/or pushes to this Pushgateway
 METRICS_PORT = "WMVLA_METRICS_PORT"
 PUSHGATEWAY_URL = "WMVLA_PUSHGATEWAY_URL"
+# the address the endpoint binds (default 0.0.0.0: the pod IP the PodMonitor scrapes; tests use 127.0.0.1)
+METRICS_ADDR = "WMVLA_METRICS_ADDR"
 # the labels every metric of a job carries (bounded: one run, one cell, one microjob, one shard)
 RUN_ID = "WMVLA_RUN_ID"
 CELL = "WMVLA_CELL"

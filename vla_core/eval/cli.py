@@ -258,7 +258,7 @@ def run_eval(cfg: EvalConfig) -> int:
           flush=True)
     if mine:
         run_rollouts(env_cfg, policy, mine, out, engine, run_config=config, episodes_file=paths["episodes"],
-                     run_config_file=paths["run_config"])
+                     run_config_file=paths["run_config"], shard=index)
     summary = shards.merge_shards(out, quiet_if_incomplete=True)
     if summary is not None:
         print(f"eval: all {n} shards finished; merged into {out / EPISODES_FILE}", flush=True)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vla_core import telemetry
 from vla_core.envs.base import Observation
 from vla_core.envs.registry import EnvConfig, action_dim, configure_gl
 from vla_core.utils import WmvlaError, append_jsonl, atomic_write_json, config_diff, read_jsonl, to_jsonable
@@ -366,11 +367,13 @@ def run_rollouts(
     run_config: dict | None = None,
     episodes_file: str = EPISODES_FILE,
     run_config_file: str = RUN_CONFIG_FILE,
+    shard: int | None = None,
 ) -> list[dict]:
     """Run `episodes` (skipping those already in out_dir/episodes.jsonl); return all records of them.
 
     `episodes_file` / `run_config_file`: other paths relative to out_dir (a shard of a sharded evaluation
-    writes `shards/shard-00-of-04.jsonl`, see vla_core.eval.shards); videos go to out_dir/videos either way."""
+    writes `shards/shard-00-of-04.jsonl`, see vla_core.eval.shards); videos go to out_dir/videos either way.
+    `shard`: this process's shard index, the `shard` label of its metrics (vla_core.telemetry)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if engine.replan_steps < 1:
@@ -410,6 +413,11 @@ def run_rollouts(
         return _ProcessWorker(ctx, i, env_cfg, send_intermediate, engine.video_fps, lp_threads)
 
     progress = _Progress(engine.progress, n_total, len(done_records), n_success, str(episodes[0].condition))
+    cfg = run_config or {}
+    metrics = telemetry.start_job("eval", cell=telemetry.cell_name(cfg.get("experiment"), cfg.get("head"),
+                                                                  cfg.get("seed")), shard=shard)
+    for r in done_records.values():  # a resumed run's totals include the episodes recorded before
+        metrics.eval_episode(r["condition"], r["success"])
     slots: list[_Slot] = []
     try:
         slots = [_Slot(i, new_worker(i)) for i in range(n_slots)]
@@ -431,6 +439,7 @@ def run_rollouts(
                 slot.deaths = 0
             n_success += int(bool(success))
             progress.advance(bool(success))
+            metrics.eval_episode(spec.condition, success)
             slot.spec, slot.obs, slot.awaiting = None, None, False
 
         def start_next(slot: _Slot) -> None:
@@ -475,6 +484,7 @@ def run_rollouts(
                 policy.reset(slot.index, slot.spec.task, slot.instruction)
                 return
             slot.steps += reply["steps"]
+            metrics.eval_env_steps(reply["steps"])
             for o in reply["observed"]:
                 policy.observe(slot.index, o)
             if reply["done"]:
@@ -532,7 +542,9 @@ def run_rollouts(
             ready = [s for s in members if s.spec is not None and s.obs is not None]
             if not ready:
                 continue
+            t_act = time.perf_counter()
             chunks = policy.act([s.index for s in ready], [s.obs for s in ready], [s.instruction for s in ready])
+            metrics.eval_policy_latency(time.perf_counter() - t_act)
             chunks = list(chunks) if chunks is not None else []
             for i, slot in enumerate(ready):
                 slot.policy_calls += 1
@@ -549,6 +561,7 @@ def run_rollouts(
                 slot.obs, slot.awaiting, slot.sent_at = None, True, time.perf_counter()
     finally:
         progress.close()
+        metrics.close()  # the final push
         # all workers close their envs at once (closing a LIBERO env and its GL context takes a while; one
         # after another, 16 workers kept a finished evaluation waiting ~11 s)
         for slot in slots:

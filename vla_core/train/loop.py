@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vla_core import telemetry
 from vla_core.train.checks import (
     ParamSnapshot,
     check_first_step,
@@ -485,6 +486,9 @@ def train(cfg: TrainConfig) -> dict:
         val = _val_data(rcfg, ds, setup, collate, policy, stats)
 
     logger = TrainLogger(run_dir, step, enabled=is_main)
+    metrics = telemetry.start_job("train", cell=telemetry.cell_name(rcfg.experiment, rcfg.policy.head, rcfg.seed),
+                                  active=is_main)  # Prometheus (docs/metrics.md); never fails the run
+    metrics.train_planned(o.steps, step)
     say(f"train: {len(train_set)} training frames ({len(setup.train_episodes)} episodes), "
         f"{len(setup.val_episodes)} validation episodes; {o.steps} steps x {o.batch_size} x {o.grad_accum} "
         f"x {world_size} processes")
@@ -526,6 +530,7 @@ def train(cfg: TrainConfig) -> dict:
             rec = validate(policy, val, seed=rcfg.seed + 12345, extra_modes=extra)
         rec = {"step": step, **rec}
         logger.log(VAL_LOG, rec, "val")  # rank 0 only (the logger is disabled elsewhere)
+        metrics.train_validation(rec)
         say(f"val step {step}: action_mse {rec['action_mse']:.4f} (mean baseline {rec['mean_baseline_mse']:.4f}) "
             f"mae_real {rec['action_mae_real']:.4f} world_loss {rec['world_loss']:.4f}")
         return rec
@@ -604,6 +609,8 @@ def train(cfg: TrainConfig) -> dict:
                        "epoch": step * o.grad_accum / sampler.batches_per_epoch,
                        "elapsed_s": time.perf_counter() - t_start}
                 logger.log(TRAIN_LOG, rec, "train")
+                metrics.train_record(rec, torch.cuda.max_memory_allocated(accelerator.device)
+                                     if accelerator.device.type == "cuda" else None)
                 if not progress.enabled:
                     say(f"step {step}/{o.steps} loss {rec['loss']:.4f} action {rec['action_loss']:.4f} "
                         f"world {rec.get('world_loss', 0):.4f} gate {rec.get('gate', 0):.4f} lr {lr:.2e} "
@@ -620,6 +627,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         progress.close()
         logger.close()
+        metrics.close()  # the final push
 
     # ---- end: mean-baseline check, done marker
     summary = {"step": step, "finished": True, "run_dir": str(run_dir), "checkpoint": step_name(step),

@@ -31,6 +31,7 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
+from vla_core import telemetry
 from vla_core.utils import WmvlaError, atomic_write_json, config_diff, to_jsonable
 from vla_core.world.encoder import (
     PREPROCESSING_DESCRIPTION,
@@ -392,6 +393,7 @@ def precompute_latents(
             state["last_log"] = now
             rate = (written - rows_start) / max(now - t0, 1e-9)
             log(f"latents: {written}/{n} frames, {rate:.1f} clips/s, eta {(n - written) / max(rate, 1e-9) / 60:.1f} min")
+        metrics.latents_progress(written, n, (written - rows_start) / max(now - t0, 1e-9))
         if now - state["last_ckpt"] >= checkpoint_every_s:
             checkpoint()
 
@@ -412,7 +414,9 @@ def precompute_latents(
             write(prev)
 
     current_ep = None
-    with torch.inference_mode():
+    # Prometheus (docs/metrics.md): frames done, clips/s; never fails the precompute
+    with torch.inference_mode(), telemetry.start_job("latents") as metrics:
+        metrics.latents_progress(written, n)
         for ep, a, b, frames in loader:
             ep = int(ep)
             if ep != current_ep:
