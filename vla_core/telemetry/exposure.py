@@ -13,6 +13,7 @@ import urllib.parse
 import warnings
 
 from prometheus_client import push_to_gateway, start_http_server
+from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.metrics_core import Metric
 
 from vla_core import env_names
@@ -45,6 +46,21 @@ def reset_warnings() -> None:
     """Forget which failures were reported (tests that check the single warning)."""
     with _warn_lock:
         _warned.clear()
+
+
+def push_target(url: str):
+    """WMVLA_PUSHGATEWAY_URL -> (URL without user:password, urllib handler): `http://user:pass@host:9091`
+    pushes with HTTP basic auth (a Pushgateway behind an authenticating proxy) and the password never
+    appears in a URL that could end up in a message."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.username is None:
+        return redact_url(url), default_handler
+    user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+    return redact_url(url), handler
 
 
 def redact_url(url: str) -> str:
@@ -133,7 +149,8 @@ class Pusher:
     what stays."""
 
     def __init__(self, url: str, labels: dict[str, str], interval_s: float = PUSH_INTERVAL_S):
-        self.url = url
+        self.url, self._handler = push_target(url)
+        self._secret = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").password
         self.labels = dict(labels)
         self.interval_s = float(interval_s)
         self.view = JobView(labels)
@@ -152,11 +169,12 @@ class Pusher:
             push_counts["attempts"] += 1
             try:
                 push_to_gateway(self.url, job=PUSH_JOB, registry=self.view, grouping_key=self.labels,
-                                timeout=PUSH_TIMEOUT_S)
+                                timeout=PUSH_TIMEOUT_S, handler=self._handler)
             except Exception as e:  # noqa: BLE001 - any failure of a push is a metrics failure, never the job's
                 push_counts["failures"] += 1
-                warn_once("push", f"pushing to the Pushgateway at {redact_url(self.url)} ({env_names.PUSHGATEWAY_URL}) "
-                                  f"failed: {type(e).__name__}: {e}")
+                reason = str(e).replace(self._secret, "***") if self._secret else str(e)
+                warn_once("push", f"pushing to the Pushgateway at {self.url} ({env_names.PUSHGATEWAY_URL}) failed: "
+                                  f"{type(e).__name__}: {reason}")
                 return False
             self.pushes += 1
             return True
