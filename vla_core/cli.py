@@ -35,6 +35,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "train and evaluate the E0-E3 x head x seed matrix, then report"),
     "report": ("vla_core.experiments.report", "ReportConfig", "run_report",
                "markdown + plots + verdict from a matrix run folder"),
+    "results push": ("vla_core.storage.cli", "ResultsPushConfig", "run_push",
+                     "publish a results folder to s3://bucket/prefix/<run> (manifest written last)"),
+    "results list": ("vla_core.storage.cli", "ResultsListConfig", "run_list",
+                     "list published runs: date, cells, verdict; incomplete runs flagged"),
+    "results pull": ("vla_core.storage.cli", "ResultsPullConfig", "run_pull",
+                     "download a published run, verified against its manifest (resumable)"),
 }
 
 

@@ -12,6 +12,8 @@ AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 AWS_REGION = "AWS_DEFAULT_REGION"
 # where a run's results are published when a command is not told (s3://bucket/prefix or a folder)
 RESULTS_URI = "WMVLA_RESULTS_URI"
+# local cache root for datasets given as s3:// URIs (default ~/.cache/wmvla/datasets/<bucket>/<prefix>)
+DATASET_CACHE = "WMVLA_DATASET_CACHE"
 
 # Hugging Face: token for gated models, and the cache the chart's model-cache volume is mounted at
 HF_TOKEN = "HF_TOKEN"

@@ -156,6 +156,10 @@ def resolve_dataset(path_or_repo: str | os.PathLike, revision: str | None = None
                     metadata_only: bool = False) -> tuple[Path, str, str | None]:
     """-> (local root, source as given, resolved hub commit or None for a local folder)."""
     text = str(path_or_repo)
+    if text.startswith("s3://"):  # a dataset in the bucket: synced to the local cache (vla_core.storage)
+        from vla_core.storage import sync_dataset
+
+        return sync_dataset(text, metadata_only=metadata_only).resolve(), text, None
     p = Path(text).expanduser()
     if p.exists():
         if not p.is_dir():

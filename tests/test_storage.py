@@ -1,0 +1,315 @@
+"""vla_core.storage against a real S3 server (SeaweedFS on loopback with authentication, tests/conftest.py):
+round trip, multipart, the manifest written last, list_runs, an interrupted upload re-run, an interrupted
+pull resumed, a corrupted object refused, wrong credentials / missing bucket / unreachable endpoint (clear
+errors without the secret), datasets from the bucket, and the `wmvla results` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vla_core import env_names
+from vla_core.storage import (
+    MANIFEST,
+    RunCorrupted,
+    RunIncomplete,
+    StorageError,
+    list_runs,
+    open_store,
+    publish_run,
+    pull_run,
+    sha256_file,
+    sync_dataset,
+    sync_up,
+)
+from vla_core.storage import store as store_mod
+from vla_core.storage.store import S3Store
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    # one bucket per module: SeaweedFS makes a collection (and volumes) per bucket, ~1 s each
+    return s3_server.create_bucket("t" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture
+def s3(s3_server, bucket, monkeypatch):
+    """The server's credentials in the environment (as a pod gets them) and a fresh prefix for this test."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    return f"{bucket}/{uuid.uuid4().hex[:8]}"
+
+
+def _tree(root: Path) -> Path:
+    """A small results folder: report, summary with a verdict, a plot, per-condition episodes."""
+    (root / "plots").mkdir(parents=True)
+    (root / "E0" / "tag" / "seed0" / "eval" / "c").mkdir(parents=True)
+    (root / "report.md").write_text("# report\n")
+    (root / "summary.json").write_text(json.dumps({"verdict": {"overall": "inconclusive: underpowered"},
+                                                   "conditions": {"E0-mse": {}, "E2-mse": {}}}))
+    (root / "plots" / "success.png").write_bytes(os.urandom(3000))
+    (root / "E0" / "tag" / "seed0" / "eval" / "c" / "episodes.jsonl").write_text('{"success": true}\n' * 5)
+    (root / "empty.txt").write_bytes(b"")
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class Spy(S3Store):
+    """A real S3Store that records the order of its writes and can be told to fail after n transfers
+    (an interrupted upload / pull: the process dies between two files)."""
+
+    def __init__(self, base: S3Store, fail_after: int | None = None):
+        super().__init__(base.bucket, base.prefix, base.multipart_threshold, base.multipart_chunksize)
+        self.writes: list[str] = []
+        self.gets: list[str] = []
+        self.fail_after = fail_after
+
+    def _tick(self):
+        if self.fail_after is not None and len(self.writes) + len(self.gets) >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+
+    def put_file(self, local_path, key, sha256=None):
+        self._tick()
+        super().put_file(local_path, key, sha256)
+        self.writes.append(key)
+
+    def put_bytes(self, key, data):
+        self._tick()
+        super().put_bytes(key, data)
+        self.writes.append(key)
+
+    def get_file(self, key, local_path):
+        self._tick()
+        super().get_file(key, local_path)
+        self.gets.append(key)
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_store_round_trip(kind, s3, tmp_path):
+    uri = f"{s3}/pre/fix" if kind == "s3" else f"file://{tmp_path / 'store'}"
+    st = open_store(uri)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(10_000))
+    st.put_file(src, "a/f.bin")
+    st.put_bytes("a/b/note.txt", b"hello")
+    assert {(o.key, o.size) for o in st.list()} == {("a/f.bin", 10_000), ("a/b/note.txt", 5)}
+    assert [o.key for o in st.list("a/b/")] == ["a/b/note.txt"]
+    assert st.list_dirs() == ["a"] and st.list_dirs("a") == ["b"]
+    assert st.get_bytes("a/b/note.txt") == b"hello"
+    st.get_file("a/f.bin", tmp_path / "back" / "f.bin")
+    assert (tmp_path / "back" / "f.bin").read_bytes() == src.read_bytes()
+    assert st.stored_sha256("a/f.bin") == sha256_file(src)
+    assert st.exists("a/f.bin") and not st.exists("a/missing")
+    assert st.child("a").get_bytes("b/note.txt") == b"hello"
+    st.delete("a/f.bin")
+    assert not st.exists("a/f.bin")
+    with pytest.raises(StorageError, match="a/missing"):
+        st.get_bytes("a/missing")
+
+
+def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
+    # 5 MiB is S3's smallest part: a 12 MiB file goes up in 3 concurrent parts
+    monkeypatch.setattr(store_mod, "MULTIPART_THRESHOLD", 5 * store_mod.MiB)
+    monkeypatch.setattr(store_mod, "MULTIPART_CHUNKSIZE", 5 * store_mod.MiB)
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(12 * store_mod.MiB))
+    st = open_store(f"{s3}/mp")
+    st.put_file(src, "big.bin")
+    head = st.client.head_object(Bucket=st.bucket, Key=st._key("big.bin"))
+    assert head["ETag"].strip('"').endswith("-3"), head["ETag"]  # a multipart ETag names its part count
+    assert head["Metadata"]["sha256"] == sha256_file(src)
+    st.get_file("big.bin", tmp_path / "back.bin")
+    assert sha256_file(tmp_path / "back.bin") == sha256_file(src)
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+
+def test_publish_writes_manifest_last_and_pull_verifies(s3, tmp_path):
+    run = _tree(tmp_path / "mt10")
+    spy = Spy(open_store(f"{s3}/results/mt10"))
+    assert publish_run(run, spy) == f"{s3}/results/mt10"
+    assert spy.writes[-1] == MANIFEST and sorted(spy.writes[:-1]) == sorted(_files(run))
+    m = json.loads(spy.get_bytes(MANIFEST))
+    assert m["format"] == "wmvla-run-manifest-v1" and m["run"] == "mt10"
+    assert m["files"]["report.md"] == {"size": 9, "sha256": sha256_file(run / "report.md")}
+    assert set(m["files"]) == set(_files(run)) and m["total_bytes"] == sum(map(len, _files(run).values()))
+    assert m["summary"] == {"verdict": "inconclusive: underpowered", "cells": ["E0-mse", "E2-mse"]}
+
+    res = pull_run(f"{s3}/results/mt10", tmp_path / "pulled")
+    assert res["complete"] and res["downloaded"] == len(m["files"])
+    pulled = _files(tmp_path / "pulled")
+    assert json.loads(pulled.pop(MANIFEST)) == m
+    assert pulled == _files(run)
+    again = pull_run(f"{s3}/results/mt10", tmp_path / "pulled")  # everything there and verified
+    assert again["downloaded"] == 0 and again["skipped"] == len(m["files"])
+
+
+def test_list_runs_shows_complete_and_incomplete(s3, tmp_path):
+    publish_run(_tree(tmp_path / "a"), f"{s3}/res/a")
+    sync_up(_tree(tmp_path / "b"), f"{s3}/res/b")  # files without a manifest: an upload that did not finish
+    runs = {r["name"]: r for r in list_runs(f"{s3}/res")}
+    assert set(runs) == {"a", "b"}
+    assert runs["a"]["complete"] and runs["a"]["verdict"] == "inconclusive: underpowered"
+    assert runs["a"]["cells"] == ["E0-mse", "E2-mse"] and runs["a"]["created"]
+    assert not runs["b"]["complete"] and "no _manifest.json" in runs["b"]["problem"]
+
+
+def test_interrupted_upload_is_incomplete_and_a_rerun_finishes_it(s3, tmp_path):
+    run = _tree(tmp_path / "r")
+    n = len(_files(run))
+    with pytest.raises(KeyboardInterrupt):
+        publish_run(run, Spy(open_store(f"{s3}/r"), fail_after=2), workers=1)
+    with pytest.raises(RunIncomplete, match="no _manifest.json"):
+        pull_run(f"{s3}/r", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    again = Spy(open_store(f"{s3}/r"))
+    publish_run(run, again)
+    assert len(again.writes) == n - 2 + 1  # the two uploaded before the kill are skipped (same size + sha256)
+    assert pull_run(f"{s3}/r", tmp_path / "p")["complete"]
+
+
+def test_interrupted_pull_resumes(s3, tmp_path):
+    run = _tree(tmp_path / "r")
+    publish_run(run, f"{s3}/r")
+    with pytest.raises(KeyboardInterrupt):
+        pull_run(Spy(open_store(f"{s3}/r"), fail_after=3), tmp_path / "p", workers=1)
+    assert not list((tmp_path / "p").rglob("*.part"))  # nothing half-written left behind
+    spy = Spy(open_store(f"{s3}/r"))
+    res = pull_run(spy, tmp_path / "p")
+    assert res["complete"] and len(spy.gets) == len(_files(run)) - 3 and res["skipped"] == 3
+    assert {k: v for k, v in _files(tmp_path / "p").items() if k != MANIFEST} == _files(run)
+
+
+def test_corrupted_object_is_refused(s3, tmp_path):
+    run = _tree(tmp_path / "r")
+    publish_run(run, f"{s3}/r")
+    st = open_store(f"{s3}/r")
+    key = "E0/tag/seed0/eval/c/episodes.jsonl"
+    good = (run / key).read_bytes()
+    bad = good.replace(b"true", b"fals")  # same size, different bytes: only the checksum can tell
+    st.client.put_object(Bucket=st.bucket, Key=st._key(key), Body=bad)
+    with pytest.raises(StorageError, match=r"corrupted object.*sha256") as e:
+        pull_run(f"{s3}/r", tmp_path / "p")
+    assert key in str(e.value) and st.bucket in str(e.value)
+    assert not (tmp_path / "p" / key).exists()
+    res = pull_run(f"{s3}/r", tmp_path / "p", allow_incomplete=True)
+    assert not res["complete"] and any(key in p for p in res["problems"])
+    assert (tmp_path / "p" / "report.md").exists() and not (tmp_path / "p" / key).exists()
+    st.put_bytes("report.md", b"short")  # a different size is refused before anything is downloaded
+    with pytest.raises(RunCorrupted, match="report.md"):
+        pull_run(f"{s3}/r", tmp_path / "p2")
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_wrong_credentials_missing_bucket_unreachable(s3, s3_server, tmp_path, monkeypatch):
+    run = _tree(tmp_path / "r")
+    bucket = s3[len("s3://"):].split("/")[0]
+    monkeypatch.setenv(env_names.AWS_SECRET_ACCESS_KEY, "not-the-secret-xyz")
+    with pytest.raises(StorageError) as e:
+        publish_run(run, f"{s3}/r")
+    msg = str(e.value)
+    assert "SignatureDoesNotMatch" in msg and bucket in msg and s3_server.endpoint in msg
+    assert "not-the-secret-xyz" not in msg and s3_server.secret_key not in msg
+    monkeypatch.setenv(env_names.AWS_SECRET_ACCESS_KEY, s3_server.secret_key)
+
+    with pytest.raises(StorageError, match=r"NoSuchBucket.*create it") as e:
+        publish_run(run, "s3://no-such-bucket-here/r")
+    assert "no-such-bucket-here" in str(e.value)
+    with pytest.raises(StorageError, match="NoSuchBucket"):
+        pull_run("s3://no-such-bucket-here/r", tmp_path / "p")
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv(env_names.AWS_ENDPOINT_URL, f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StorageError, match=f"127.0.0.1:{dead}.*cannot connect") as e:
+        list_runs(f"{s3}/res")
+    assert s3_server.secret_key not in str(e.value)
+
+
+def test_seaweed_requires_auth_and_one_server_per_folder(s3_server):
+    with pytest.raises(urllib.error.HTTPError) as e:  # an unsigned write is refused
+        urllib.request.urlopen(urllib.request.Request(f"{s3_server.endpoint}/anon-bucket", method="PUT"), timeout=5)
+    assert e.value.code == 403
+    from vla_core.storage.seaweed import SeaweedFS
+
+    with pytest.raises(StorageError, match="another SeaweedFS server is using this data folder"):
+        SeaweedFS(s3_server.data_dir).start()
+    assert s3_server.proc.poll() is None
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+def test_dataset_from_the_bucket(s3, data, tmp_path, monkeypatch):
+    from vla_core.data.lerobot import LeRobotDataset
+
+    sync_up(data["dataset"], f"{s3}/datasets/libero_like")
+    monkeypatch.setenv(env_names.DATASET_CACHE, str(tmp_path / "cache"))
+    uri = f"{s3}/datasets/libero_like"
+    ds = LeRobotDataset.open(uri)
+    assert ds.root == (tmp_path / "cache" / s3[len("s3://"):] / "datasets" / "libero_like").resolve()
+    assert ds.source == uri and len(ds.episodes) == len(LeRobotDataset.open(data["dataset"]).episodes)
+    spy_logs = []
+    sync_dataset(uri, log=spy_logs.append)  # a second sync downloads nothing but the info.json it re-checks
+    assert "1 files downloaded" in spy_logs[0]
+    with pytest.raises(StorageError, match="meta/info.json"):
+        sync_dataset(f"{s3}/datasets/nothing-here")
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def test_results_commands_and_report_on_the_pulled_run(s3, tmp_path, capsys):
+    from vla_core.cli import main
+
+    run = _tree(tmp_path / "mt10")
+    assert main(["results", "push", str(run), f"{s3}/results"]) == 0
+    assert main(["results", "list", f"{s3}/results"]) == 0
+    out = capsys.readouterr().out
+    assert "mt10" in out and "complete" in out and "inconclusive" in out
+    assert main(["results", "list", f"{s3}/results", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["complete"] is True
+    assert main(["results", "pull", f"{s3}/results/mt10", str(tmp_path / "pulled")]) == 0
+    assert (tmp_path / "pulled" / "report.md").read_text() == "# report\n"
+    assert main(["results", "pull", f"{s3}/results/nope", str(tmp_path / "x")]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def test_report_works_on_a_pulled_run(s3, tmp_path):
+    """A matrix-shaped run (the report tests' builder) published, pulled, and reported from the pulled copy:
+    the same conditions and verdict as from the original folder."""
+    from test_report import make_root
+
+    from vla_core.cli import main
+
+    run = make_root(tmp_path / "mt10")
+    assert main(["report", str(run)]) == 0
+    assert main(["results", "push", str(run), f"{s3}/results"]) == 0
+    assert main(["results", "pull", f"{s3}/results/mt10", str(tmp_path / "pulled")]) == 0
+    pulled = tmp_path / "pulled"
+    (pulled / "report.md").unlink()
+    assert main(["report", str(pulled)]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (run, pulled))
+    assert a["verdict"] == b["verdict"] and a["comparisons"] == b["comparisons"]
+    rates = [{k: (c["success_rate"], c["n"]) for k, c in x["conditions"].items()} for x in (a, b)]
+    assert rates[0] == rates[1] and len(rates[0]) == 7  # E0, E1, E2 x 4 memories, E3
+    assert (pulled / "report.md").exists()

@@ -1,0 +1,448 @@
+"""One interface over object storage (`s3://bucket/prefix`) and local folders (`/path`, `file:///path`).
+
+S3 goes through boto3 with its standard credential chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+AWS_PROFILE, instance or pod identity) and AWS_ENDPOINT_URL for MinIO / SeaweedFS / Ceph, which get
+path-style addressing (virtual-host names do not resolve for a plain endpoint). botocore's "standard"
+retry mode retries throttling, 5xx and connection errors with exponential backoff and jitter; boto3's
+TransferConfig splits large files into concurrent multipart transfers.
+
+Every uploaded object carries its sha256 in user metadata (`x-amz-meta-sha256`), so a later sync can
+skip an unchanged file with one HEAD instead of a download. Every failure becomes a `StorageError` that
+names the endpoint, bucket and key, never a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vla_core import env_names
+from vla_core.telemetry import count_bytes
+from vla_core.utils import WmvlaError
+
+SHA256_META = "sha256"  # user-metadata key (x-amz-meta-sha256)
+MiB = 1024 * 1024
+# boto3's defaults are 8 MiB parts, 10 threads; 16 MiB parts halve the request count of big checkpoints
+MULTIPART_THRESHOLD = 16 * MiB
+MULTIPART_CHUNKSIZE = 16 * MiB
+MAX_CONCURRENCY = 10
+MAX_POOL_CONNECTIONS = 64  # >= file threads x part threads would be ideal; more only queue in urllib3
+DEFAULT_MAX_ATTEMPTS = 5  # botocore standard mode; AWS_MAX_ATTEMPTS overrides
+
+
+class StorageError(WmvlaError):
+    """An object-store operation failed; the message names endpoint, bucket and key (never a secret)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's prefix
+    size: int
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _count_bytes(direction: str, n: int) -> None:
+    """The one call site of the telemetry byte counter (direction "up" or "down"; never raises for I/O)."""
+    count_bytes(direction, n)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+# ----------------------------------------------------------------------------------------- interface
+
+
+class Store:
+    """A prefix in an object store or a local folder. Keys are relative, '/'-separated."""
+
+    uri: str
+
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> None:
+        raise NotImplementedError
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        """Download to `local_path` atomically (temp file + rename): a killed download leaves nothing."""
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        raise NotImplementedError
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        """Names of the immediate sub-folders under `prefix` (S3 common prefixes)."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def child(self, subprefix: str) -> "Store":
+        raise NotImplementedError
+
+    def stored_sha256(self, key: str) -> str | None:
+        """The object's sha256 if the store knows it without a download (our metadata / local file)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Fail early with a clear message when the store cannot be used (S3: missing bucket, credentials)."""
+
+    def describe(self, key: str = "") -> str:
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+def open_store(uri: str | os.PathLike) -> Store:
+    """`s3://bucket/prefix` -> S3Store; a folder path or `file://` URI -> LocalStore."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        rest = text[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"{text!r}: expected s3://BUCKET/PREFIX, found no bucket name")
+        return S3Store(bucket, prefix.strip("/"))
+    if text.startswith("file://"):
+        return LocalStore(Path(text[len("file://"):]))
+    if "://" in text:
+        raise StorageError(f"{text!r}: unsupported scheme; expected s3://BUCKET/PREFIX, file:///PATH or a folder path")
+    return LocalStore(Path(text))
+
+
+# -------------------------------------------------------------------------------------------- local
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = self.root / key
+        if key.startswith("/") or ".." in Path(key).parts:
+            raise StorageError(f"{self.uri}: key {key!r} leaves the store's folder")
+        return p
+
+    def put_file(self, local_path, key, sha256=None):
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _count_bytes("up", dst.stat().st_size)
+
+    def get_file(self, key, local_path):
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"{self.describe(key)}: no such object")
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, local_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _count_bytes("down", local_path.stat().st_size)
+
+    def put_bytes(self, key, data):
+        from vla_core.utils import atomic_write_bytes
+
+        atomic_write_bytes(self._path(key), data)
+        _count_bytes("up", len(data))
+
+    def get_bytes(self, key):
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise StorageError(f"{self.describe(key)}: no such object") from None
+        _count_bytes("down", len(data))
+        return data
+
+    def list(self, prefix=""):
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        out = []
+        for p in sorted(base.rglob("*")):
+            # temp files of an unfinished put are not objects
+            if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".part")):
+                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+        return out
+
+    def list_dirs(self, prefix=""):
+        base = self._path(prefix) if prefix else self.root
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def delete(self, key):
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def child(self, subprefix):
+        return LocalStore(self._path(subprefix.strip("/")))
+
+    def stored_sha256(self, key):
+        p = self._path(key)
+        return sha256_file(p) if p.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------- s3
+
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _endpoint() -> str | None:
+    return os.environ.get(env_names.AWS_ENDPOINT_URL) or os.environ.get("AWS_ENDPOINT_URL_S3") or None
+
+
+def s3_client():
+    """A boto3 S3 client from the standard chain; cached per (endpoint, credentials source, region) so the
+    thread pools share its connection pool (boto3 clients are thread-safe, sessions are not)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = _endpoint()
+    region = os.environ.get(env_names.AWS_REGION) or os.environ.get("AWS_REGION") or ("us-east-1" if endpoint else None)
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    # the key id (not the secret) distinguishes credential sets, e.g. a test switching identities
+    ident = (endpoint, region, attempts, os.environ.get(env_names.AWS_ACCESS_KEY_ID),
+             hashlib.sha256((os.environ.get(env_names.AWS_SECRET_ACCESS_KEY) or "").encode()).hexdigest(),
+             os.environ.get("AWS_PROFILE"))
+    with _clients_lock:
+        client = _clients.get(ident)
+        if client is None:
+            config = Config(
+                retries={"mode": os.environ.get("AWS_RETRY_MODE") or "standard", "max_attempts": attempts},
+                s3={"addressing_style": "path" if endpoint else "auto"},
+                signature_version="s3v4",
+                max_pool_connections=MAX_POOL_CONNECTIONS,
+                connect_timeout=10,
+                read_timeout=60,
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+            _clients[ident] = client
+    return client
+
+
+def transfer_config(multipart_threshold: int | None = None, multipart_chunksize: int | None = None):
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=multipart_threshold or MULTIPART_THRESHOLD,
+                          multipart_chunksize=multipart_chunksize or MULTIPART_CHUNKSIZE,
+                          max_concurrency=MAX_CONCURRENCY, use_threads=True)
+
+
+_HINTS = {
+    "SignatureDoesNotMatch": "the secret key is wrong for this access key id; check AWS_SECRET_ACCESS_KEY",
+    "InvalidAccessKeyId": "the access key id is unknown to this endpoint; check AWS_ACCESS_KEY_ID",
+    "AccessDenied": "the credentials are not allowed this operation; check the key's policy or the credentials",
+    "NoSuchBucket": "the bucket does not exist; create it or fix the bucket name in the URI",
+    "NoSuchKey": "no such object",
+    "404": "no such object (or no such bucket)",
+    "403": "access denied: wrong or missing credentials, or the key is not allowed this operation",
+}
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", multipart_threshold: int | None = None,
+                 multipart_chunksize: int | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
+
+    @property
+    def client(self):
+        return s3_client()
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def _error(self, e: BaseException, op: str, key: str = "") -> StorageError:
+        """Translate a botocore / s3transfer error into a message naming endpoint, bucket and key."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        endpoint = _endpoint() or "AWS S3 (default endpoint)"
+        where = f"{op} s3://{self.bucket}/{self._key(key)} at {endpoint}"
+        cause = e
+        # s3transfer wraps the ClientError of a failed part / HEAD
+        while not isinstance(cause, (ClientError, EndpointConnectionError, NoCredentialsError)) and cause.__cause__:
+            cause = cause.__cause__
+        if isinstance(cause, NoCredentialsError):
+            msg = (f"{where}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / "
+                   "pod identity)")
+        elif isinstance(cause, EndpointConnectionError):
+            msg = (f"{where}: cannot connect to the endpoint (unreachable or not an S3 server); check "
+                   f"{env_names.AWS_ENDPOINT_URL} and that the server is running")
+        elif isinstance(cause, ClientError):
+            err = cause.response.get("Error", {})
+            code = str(err.get("Code") or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+            hint = _HINTS.get(code, err.get("Message") or "request failed")
+            msg = f"{where}: {code}: {hint}"
+        else:
+            msg = f"{where}: {type(e).__name__}: {e}"
+        return StorageError(_scrub(msg))
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str = ""):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, op, key) from None
+        except Exception as e:  # s3transfer raises its own wrappers (e.g. S3UploadFailedError)
+            if type(e).__module__.startswith(("s3transfer", "boto3", "botocore")):
+                raise self._error(e, op, key) from None
+            raise
+
+    def put_file(self, local_path, key, sha256=None):
+        local_path = Path(local_path)
+        sha256 = sha256 or sha256_file(local_path)
+        with self._errors("upload to", key):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key),
+                                    ExtraArgs={"Metadata": {SHA256_META: sha256}},
+                                    Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+        _count_bytes("up", local_path.stat().st_size)
+
+    def get_file(self, key, local_path):
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
+        os.close(fd)
+        try:
+            with self._errors("download", key):
+                self.client.download_file(self.bucket, self._key(key), tmp,
+                                          Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+            os.replace(tmp, local_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _count_bytes("down", local_path.stat().st_size)
+
+    def put_bytes(self, key, data):
+        with self._errors("put", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   Metadata={SHA256_META: hashlib.sha256(data).hexdigest()})
+        _count_bytes("up", len(data))
+
+    def get_bytes(self, key):
+        with self._errors("get", key):
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        _count_bytes("down", len(data))
+        return data
+
+    def list(self, prefix=""):
+        full = _join(self.prefix, prefix)
+        full = full + "/" if full and (prefix == "" or prefix.endswith("/")) else full
+        out = []
+        with self._errors("list", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
+                    out.append(ObjectInfo(rel, int(obj["Size"])))
+        return out
+
+    def list_dirs(self, prefix=""):
+        full = _join(self.prefix, prefix)
+        full = full + "/" if full else ""
+        out = []
+        with self._errors("list", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full,
+                                                                              Delimiter="/"):
+                out += [p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(out)
+
+    def _head(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                # a missing bucket also answers 404 to HEAD: tell the two apart, the fix differs
+                self.check()
+                return None
+            raise self._error(e, "head", key) from None
+        except Exception as e:  # noqa: BLE001
+            from botocore.exceptions import BotoCoreError
+
+            if isinstance(e, BotoCoreError):
+                raise self._error(e, "head", key) from None
+            raise
+
+    def exists(self, key):
+        return self._head(key) is not None
+
+    def delete(self, key):
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def child(self, subprefix):
+        return S3Store(self.bucket, _join(self.prefix, subprefix), self.multipart_threshold, self.multipart_chunksize)
+
+    def stored_sha256(self, key):
+        head = self._head(key)
+        if head is None:
+            return None
+        return (head.get("Metadata") or {}).get(SHA256_META)
+
+    def check(self) -> None:
+        """Fail early with a clear message when the bucket is missing or the credentials are wrong."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._errors("open bucket of", ""):
+                # a listing, not HEAD: HEAD answers have no body, so a wrong secret would read as a bare 403
+                self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except StorageError as e:
+            cause = e.__context__
+            if isinstance(cause, ClientError) and str(cause.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
+                raise StorageError(f"open bucket s3://{self.bucket} at {_endpoint() or 'AWS S3'}: NoSuchBucket: "
+                                   f"{_HINTS['NoSuchBucket']}") from None
+            raise
+
+
+def _scrub(text: str) -> str:
+    """Belt and braces: no secret from the environment ever reaches a message."""
+    for name in (env_names.AWS_SECRET_ACCESS_KEY, "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
