@@ -16,7 +16,12 @@ Why this configuration is comparable exactly (in exact arithmetic):
   weights each micro-batch by its share of the global count (`global_loss_weights`), which this test
   checks is needed (the counts differ) and sufficient (the curves agree).
 Float reductions happen in another order (two half batches, gloo's all-reduce), so the comparison is
-to ~1e-6 relative, not bit-exact.
+to ~1e-6 relative, not bit-exact, and only of what that rounding cannot change much (`assert_same_training`):
+the gradients of step 1 (computed from identical weights and data) everywhere, and Adam's updates only where
+they are well conditioned. Adam's first update is lr * g / (|g| + eps): where a gradient is ~eps (1e-8) the
+update is anything in (-lr, lr) for ~1e-9 of rounding noise, and one such element out of 8192 once failed a
+whole-tensor comparison under load. Those elements are left out of the update comparisons, not given a
+looser tolerance; the gradient comparison still covers them.
 """
 
 from __future__ import annotations
@@ -145,21 +150,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(data, tm
     assert [r[0] for r in l1] == [r[0] for r in l2] == list(range(1, STEPS + 1))
     np.testing.assert_allclose(np.array(l2)[:, 1:], np.array(l1)[:, 1:], rtol=2e-5, atol=1e-7)
 
-    # the parameter update of step 1 (Adam: ~lr * sign(grad), so this also compares the gradients' signs
-    # and relative sizes) and the weights after the last step
-    init = _initial_trainable(cfg)
-    for step in (1, STEPS):
-        w1 = load_file(str(run_1 / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
-        w2 = load_file(str(run_2 / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
-        assert w1.keys() == w2.keys()
-        worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-        assert worst < 5e-5, (step, worst)
-        if step == 1:
-            lr1 = read_jsonl(run_1 / "train_log.jsonl")[0]["lr"]
-            moved = [k for k in init if float((w1[k] - init[k]).abs().max()) > 0.5 * lr1]
-            assert len(moved) > 50  # step 1 really moved most tensors by ~lr (so the comparison is not vacuous)
-            for k in moved:
-                torch.testing.assert_close(w2[k] - init[k], w1[k] - init[k], atol=5e-6, rtol=1e-3)
+    # the gradients of step 1, Adam's update of step 1 and the weights after the last step (where well defined)
+    assert_same_training(run_1, run_2, cfg, STEPS)
 
     # validation on rank 0 with the DDP-trained weights agrees too
     v1, v2 = read_jsonl(run_1 / "val_log.jsonl"), read_jsonl(run_2 / "val_log.jsonl")
@@ -204,11 +196,125 @@ def assert_checkpoints_act_alike(run_1, run_2, atol: float = 1e-3):
 
 def _initial_trainable(cfg) -> dict[str, torch.Tensor]:
     """The trainable weights before step 1 (the policy is rebuilt from the same seed)."""
+    return _initial_state(cfg)[0]
+
+
+def _initial_state(cfg) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The trained tensors before step 1 and the optimizer's parameter names in the order its state_dict
+    numbers them (the policy and its AdamW are rebuilt the way the loop builds them)."""
     from vla_core.train.checkpoint import trained_state_dict
-    from vla_core.train.loop import build_policy, prepare_run
+    from vla_core.train.loop import build_optimizer, build_policy, prepare_run
 
     setup = prepare_run(cfg)
-    return trained_state_dict(build_policy(setup.cfg, setup.stats, setup.cache))
+    policy = build_policy(setup.cfg, setup.stats, setup.cache)
+    name_of = {id(p): n for n, p in policy.named_parameters()}
+    order = [name_of[id(p)] for g in build_optimizer(policy, setup.cfg, fused=False).param_groups for p in g["params"]]
+    return {k: v.clone() for k, v in trained_state_dict(policy).items()}, order
+
+
+# Tolerances of "several processes == one process with the same global batch" (assert_same_training).
+# GRAD_TOL: step 1's gradients come from identical weights and data and differ only by the order of float
+# reductions: measured <= 1e-6 of each tensor's largest gradient, checked at 1e-5 of it. A wrong weighting of
+# the ranks' losses changes them by percents (the ranks' shares of valid terms differ by ~10 %), and a missing
+# all-reduce by tens of percents, so this is the check that catches loss-weighting bugs: Adam's first update
+# ~ lr * sign(g) hardly sees a gradient's scale.
+GRAD_TOL = 1e-5
+# Later gradients are computed at weights that already differ in the ill-conditioned elements below (measured
+# <= 5e-5 of the tensor's largest gradient): used only to decide which elements are well conditioned.
+LATER_GRAD_TOL = 1e-3
+# Adam's update where a gradient error dg moves it by at most UPDATE_TOL * lr (see _well_conditioned) must agree
+# to that plus the float32 rounding of the weights (measured: 1 ulp).
+UPDATE_TOL = 1e-3
+
+
+def _well_conditioned(denom: torch.Tensor, dg: float, eps: float) -> torch.Tensor:
+    """Elements where Adam's step lr * m / (denom + eps) moves by at most UPDATE_TOL * lr when the gradient moves
+    by dg: d(g / (|g| + eps)) / dg = eps / (|g| + eps)^2, so |g| >= sqrt(eps * dg / UPDATE_TOL) bounds it, and
+    |g| >= 10 dg keeps the sign (at step 1 denom = |g|; later, denom = sqrt(v_hat), the gradients' RMS)."""
+    return denom >= max(10 * dg, (eps * dg / UPDATE_TOL) ** 0.5)
+
+
+def _adam_gradients(run: Path, steps: int, order: list[str], beta1: float) -> list[dict[str, torch.Tensor]]:
+    """The (clipped) gradient of each optimizer step 1..steps, read back from AdamW's first moment in the
+    checkpoint of every step: m_s = beta1 m_(s-1) + (1 - beta1) g_s (needs --ckpt-every 1, --keep-checkpoints
+    >= steps)."""
+    grads, prev = [], None
+    for s in range(1, steps + 1):
+        state = torch.load(run / "checkpoints" / f"step_{s:07d}" / "train_state.pt", weights_only=False)["optimizer"]["state"]
+        m = {order[int(i)]: v["exp_avg"] for i, v in state.items()}
+        grads.append({k: (v - beta1 * prev[k]) / (1 - beta1) if prev else v / (1 - beta1) for k, v in m.items()})
+        prev = m
+    return grads
+
+
+def assert_same_training(run_1: Path, run_2: Path, cfg, steps: int, extra_weights: tuple[str, ...] = ()) -> None:
+    """run_2 (several processes) computed the same optimizer steps as run_1 (one process, the same global
+    batch), compared where that is well defined under float reordering:
+    - step 1's gradients, every element, to GRAD_TOL of each tensor's largest gradient;
+    - step 1's update, on the elements whose update is well conditioned, to UPDATE_TOL * lr (+ rounding);
+    - the weights after `steps` (and `extra_weights` files such as ema.safetensors), on the elements well
+      conditioned at every step, to UPDATE_TOL * the sum of the learning rates (+ rounding).
+    Both runs need a checkpoint after every step."""
+    init, order = _initial_state(cfg)
+    ck = lambda run, s: run / "checkpoints" / f"step_{s:07d}"  # noqa: E731
+    groups = torch.load(ck(run_1, 1) / "train_state.pt", weights_only=False)["optimizer"]["param_groups"]
+    beta1, beta2 = groups[0]["betas"]
+    eps = groups[0]["eps"]
+    lrs = [r["lr"] for r in read_jsonl(run_1 / "train_log.jsonl")][:steps]  # the new modules' lr of each step
+    assert len(lrs) == steps, lrs
+    lr_scale = {order[int(i)]: g["lr_scale"] for g in groups for i in g["params"]}  # the backbone's groups: scaled
+    g1, g2 = _adam_gradients(run_1, steps, order, beta1), _adam_gradients(run_2, steps, order, beta1)
+    assert g1[0].keys() == g2[0].keys() == set(order)
+
+    # step 1's gradients: every element (a tensor whose gradient is all zero must stay so)
+    nonzero = [k for k in order if float(g1[0][k].abs().max()) > 0]
+    assert len(nonzero) > 50, len(nonzero)  # most tensors got a gradient (the comparison is not vacuous)
+    for k in order:
+        scale = float(g1[0][k].abs().max())
+        torch.testing.assert_close(g2[0][k], g1[0][k], rtol=0, atol=GRAD_TOL * scale,
+                                   msg=lambda m, k=k: f"step-1 gradient of {k}: {m}")
+
+    # step 1's update (lr * g / (|g| + eps) - lr * wd * w) where well conditioned
+    w1 = load_file(str(ck(run_1, 1) / "model.safetensors"))
+    w2 = load_file(str(ck(run_2, 1) / "model.safetensors"))
+    assert w1.keys() == w2.keys() == init.keys()
+    rounding = lambda w: 2 * torch.finfo(torch.float32).eps * max(1.0, float(w.abs().max()))  # noqa: E731
+    compared = total = 0
+    for k in order:
+        g, scale = g1[0][k], float(g1[0][k].abs().max())
+        ok = _well_conditioned(g.abs(), GRAD_TOL * scale, eps) & (g != 0)
+        compared, total = compared + int(ok.sum()), total + int((g != 0).sum())
+        u1, u2 = (w1[k] - init[k])[ok], (w2[k] - init[k])[ok]
+        lr = lrs[0] * lr_scale[k]
+        assert bool((u1.abs() > 0.5 * lr).all()), k  # a well-conditioned element moves by ~lr
+        torch.testing.assert_close(u2, u1, rtol=0, atol=UPDATE_TOL * lr + rounding(init[k]),
+                                   msg=lambda m, k=k: f"step-1 update of {k} (well-conditioned elements): {m}")
+    assert compared > 0.8 * total, (compared, total)  # the ill-conditioned elements are few
+    for k in init.keys() - set(order):  # saved buffers (e.g. the Prophet's latent normalisation)
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0)
+
+    # the weights after the last step, on elements well conditioned at every step (Adam's denominator
+    # sqrt(v_hat) large against the gradients' error at that step, v read from the run's checkpoints)
+    ok = {k: torch.ones_like(init[k], dtype=torch.bool) for k in order}
+    for s in range(1, steps + 1):
+        state = torch.load(ck(run_1, s) / "train_state.pt", weights_only=False)["optimizer"]["state"]
+        tol = GRAD_TOL if s == 1 else LATER_GRAD_TOL
+        for i, v in state.items():
+            k = order[int(i)]
+            ok[k] &= _well_conditioned((v["exp_avg_sq"] / (1 - beta2 ** s)).sqrt(),
+                                       tol * float(g1[s - 1][k].abs().max()), eps)
+    n_ok = sum(int(m.sum()) for m in ok.values())
+    assert n_ok > 0.8 * total, (n_ok, total)
+    for name in ("model.safetensors", *extra_weights):
+        f1, f2 = (load_file(str(ck(r, steps) / name)) for r in (run_1, run_2))
+        assert f1.keys() == f2.keys()
+        for k in f1:
+            if k not in ok:
+                torch.testing.assert_close(f2[k], f1[k], rtol=0, atol=0)
+                continue
+            atol = UPDATE_TOL * sum(lrs) * lr_scale[k] + rounding(f1[k])
+            torch.testing.assert_close(f2[k][ok[k]], f1[k][ok[k]], rtol=0, atol=atol,
+                                       msg=lambda m, k=k: f"{name} {k} after step {steps} (well-conditioned elements): {m}")
 
 
 def test_grad_accumulation_equals_the_full_batch(data, tmp_path):

@@ -32,7 +32,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_distributed import RUN, _free_port, _initial_trainable, _launch_ddp, assert_checkpoints_act_alike
+from test_train_distributed import (
+    LATER_GRAD_TOL,
+    RUN,
+    _free_port,
+    _initial_trainable,
+    _launch_ddp,
+    assert_checkpoints_act_alike,
+    assert_same_training,
+)
 from test_train_loop import _losses, tiny_cfg
 from vla_core.train.config import get_preset
 from vla_core.train.loop import train
@@ -79,22 +87,13 @@ def test_fsdp_two_processes_equal_one_process_and_checkpoint_loads_in_one(data, 
     np.testing.assert_allclose(np.array(l2)[:, 1:], np.array(l1)[:, 1:], rtol=2e-5, atol=1e-7)
     assert "first-steps check passed" in fsdp_run["stdout"]  # on local shards, empty ones included
 
-    # the update of step 1 and the weights after the last step, gathered from the shards
-    init = _initial_trainable(cfg)
-    for step in (1, STEPS):
-        w1, w2 = load_file(str(_ckpt(run_1, step) / "model.safetensors")), load_file(str(_ckpt(run_2, step) / "model.safetensors"))
-        assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
-        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 5e-5, step
-        if step == 1:
-            lr1 = read_jsonl(run_1 / "train_log.jsonl")[0]["lr"]
-            moved = [k for k in init if float((w1[k] - init[k]).abs().max()) > 0.5 * lr1]
-            assert len(moved) > 50
-            for k in moved:
-                torch.testing.assert_close(w2[k] - init[k], w1[k] - init[k], atol=5e-6, rtol=1e-3)
-    e1, e2 = (load_file(str(_ckpt(r, STEPS) / "ema.safetensors")) for r in (run_1, run_2))
-    assert e1.keys() == e2.keys() and max(float((e1[k] - e2[k]).abs().max()) for k in e1) < 5e-5
+    # the gradients and update of step 1 and the weights and EMA after the last step, gathered from the shards
+    # (compared where well defined, as in the DDP test: Adam's step is ill-conditioned where a gradient is ~eps)
+    assert_same_training(run_1, run_2, cfg, STEPS, extra_weights=("ema.safetensors",))
 
     # the optimizer state is in one process's format: indices, groups and hyperparameters equal, whole tensors
+    # (its values after the last step: to LATER_GRAD_TOL of each tensor's largest, as later steps' gradients are
+    # computed at weights that differ in Adam's ill-conditioned elements; step 1's gradients are checked above)
     s1, s2 = (torch.load(_ckpt(r, STEPS) / "train_state.pt", weights_only=False) for r in (run_1, run_2))
     assert s2["world_size"] == 2 and len(s2["rng"]) == 2
     assert s1["optimizer"]["param_groups"] == s2["optimizer"]["param_groups"]
@@ -102,7 +101,8 @@ def test_fsdp_two_processes_equal_one_process_and_checkpoint_loads_in_one(data, 
     for i, st in s1["optimizer"]["state"].items():
         for k, v in st.items():
             assert s2["optimizer"]["state"][i][k].shape == v.shape
-            torch.testing.assert_close(s2["optimizer"]["state"][i][k], v, atol=1e-6, rtol=1e-3)
+            torch.testing.assert_close(s2["optimizer"]["state"][i][k], v, rtol=0,
+                                       atol=LATER_GRAD_TOL * float(v.abs().max()))
     m1, m2 = (json.loads((_ckpt(r, STEPS) / "meta.json").read_text()) for r in (run_1, run_2))
     assert m1["tensors"] == m2["tensors"] and m1["frozen"] == m2["frozen"]
 
