@@ -145,6 +145,59 @@ def _chart_value(values: dict, path: str, kind: type):
     return node
 
 
+@dataclass(frozen=True)
+class Microjob:
+    image: str  # a kind of IMAGE_KINDS
+    resources: Resources
+
+
+# What each microjob of pipelines/matrix.py asks for. GPU jobs are sized for one GPU of an L40S node
+# (typically 4 GPUs, 48-64 cores, 512 GiB): LIBERO's evaluation runs ~16 env worker processes (CPU physics +
+# EGL render) beside the policy, so it gets 16 cores; training gets DataLoader workers and a large /dev/shm
+# (worker batches travel through shared memory). CPU jobs stay off the GPU pool (no selector, no toleration).
+MICROJOBS: dict[str, Microjob] = {
+    "plan": Microjob("cpu", Resources(cpu="500m", memory="1Gi")),
+    "dataset": Microjob("eval", Resources(cpu="4", memory="16Gi", shm="2Gi")),  # MetaWorld experts render
+    "latents": Microjob("train", Resources(cpu="8", memory="64Gi", gpus=1, shm="16Gi")),
+    "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi")),
+    "evaluate": Microjob("eval", Resources(cpu="16", memory="64Gi", gpus=1, shm="8Gi")),
+    "report": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
+}
+
+
+def apply_platform(task, platform: Platform, microjob: str, gpus=None):
+    """Image, pool, resources, secrets, volumes and labels of one pipeline task (kfp-kubernetes). `gpus`
+    overrides the microjob's GPU count (an int or a pipeline parameter). Returns the task."""
+    from kfp import kubernetes  # lazily: this module is also read before kfp is installed (image builds)
+
+    job = MICROJOBS[microjob]
+    r = job.resources
+    task.set_container_image(platform.image(job.image))
+    task.set_cpu_request(r.cpu).set_memory_request(r.memory).set_memory_limit(r.memory)
+    task.set_env_variable(env_names.MICROJOB, microjob)
+    kubernetes.add_pod_label(task, platform.part_of_label, platform.part_of_value)
+    kubernetes.add_pod_label(task, platform.microjob_label, microjob)
+    # the object store: credentials from the Secret, endpoint / region / results URI from the ConfigMap
+    kubernetes.use_secret_as_env(task, platform.store_secret, {k: k for k in platform.secret_env})
+    kubernetes.use_config_map_as_env(task, platform.store_config, {
+        env_names.AWS_REGION: env_names.AWS_REGION, env_names.RESULTS_URI: env_names.RESULTS_URI})
+    # absent on AWS S3 itself (the chart writes it only when an endpoint is set)
+    kubernetes.use_config_map_as_env(task, platform.store_config,
+                                     {env_names.AWS_ENDPOINT_URL: env_names.AWS_ENDPOINT_URL}, optional=True)
+    kubernetes.use_config_map_as_env(task, platform.metrics_config, {
+        env_names.PUSHGATEWAY_URL: env_names.PUSHGATEWAY_URL, env_names.METRICS_PORT: env_names.METRICS_PORT})
+    if r.shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=r.shm)
+    if r.gpus:
+        task.set_accelerator_type(platform.gpu_resource).set_accelerator_limit(gpus if gpus is not None else r.gpus)
+        kubernetes.add_node_selector(task, platform.gpu_node_label, platform.gpu_node_value)
+        kubernetes.add_toleration(task, key=platform.gpu_toleration_key, operator="Exists", effect="NoSchedule")
+        kubernetes.use_secret_as_env(task, platform.hf_secret, {platform.hf_env: platform.hf_env}, optional=True)
+        kubernetes.mount_pvc(task, platform.model_cache_pvc, platform.model_cache_mount)
+        task.set_env_variable(env_names.HF_HOME, platform.model_cache_mount)
+    return task
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m components.platform images [--registry R] [--tag T]`: one `KIND REFERENCE` line per image.
     Stdlib only (runs before anything is installed, e.g. in CI before the images exist)."""

@@ -35,6 +35,13 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "train and evaluate the E0-E3 x head x seed matrix, then report"),
     "report": ("vla_core.experiments.report", "ReportConfig", "run_report",
                "markdown + plots + verdict from a matrix run folder"),
+    # the Kubeflow pipeline (pipelines/, needs the `pipeline` extra; imported only when run)
+    "pipeline compile": ("pipelines.cli", "CompileConfig", "run_compile",
+                         "compile the matrix pipeline to pipelines/matrix.yaml (--check: fail if stale)"),
+    "pipeline run": ("pipelines.cli", "RunConfig", "run_run",
+                     "run the matrix pipeline on this machine through kfp.local (--local)"),
+    "pipeline submit": ("pipelines.cli", "SubmitConfig", "run_submit",
+                        "submit pipelines/matrix.yaml to a Kubeflow Pipelines endpoint"),
     "results push": ("vla_core.storage.cli", "ResultsPushConfig", "run_push",
                      "publish a results folder to s3://bucket/prefix/<run> (manifest written last)"),
     "results list": ("vla_core.storage.cli", "ResultsListConfig", "run_list",

@@ -1,0 +1,97 @@
+"""The experiment matrix as a Kubeflow pipeline: the graph only.
+
+    plan (CPU) -> prepare dataset (CPU, cached) -> cache latents (1 GPU, cached)
+      -> ParallelFor cell in cells x seeds:  train cell (GPU pool, `gpus_per_cell` GPUs, retried)
+                                             -> evaluate cell (GPU pool, EGL, retried)
+      -> report (CPU): Collected results -> HTML + Markdown + Metrics in the KFP UI, published to the bucket
+
+Every step is a component in components/ (a thin call into vla_core.experiments.cells); where it runs
+(image, node pool, GPUs, secrets, volumes) is `components.platform.apply_platform`. `build(platform)`
+returns the pipeline for one install (registry, tag, node label: `wmvla pipeline compile`);
+`matrix` is the one compiled into pipelines/matrix.yaml.
+"""
+
+from kfp import dsl
+
+from components.dataset import prepare_dataset
+from components.evaluate import evaluate_cell
+from components.latents import cache_latents
+from components.plan import plan_matrix
+from components.platform import DEFAULT, Platform, apply_platform
+from components.report import report
+from components.train import train_cell
+from vla_core.experiments.cells import DEFAULT_CELLS
+
+RETRIES = 2  # a lost pod (node drained, spot reclaimed) is retried; the retry resumes from the bucket
+RETRY_BACKOFF = "60s"
+
+
+def build(platform: Platform = DEFAULT):
+    @dsl.pipeline(name="wmvla-matrix",
+                  description="World memory for VLA policies: E0/E2 x MSE/flow cells trained and evaluated in "
+                              "closed loop, with the report (Wilson CIs, paired McNemar tests, verdict).")
+    def matrix(
+        dataset: str = "HuggingFaceVLA/libero",
+        results_uri: str = "s3://wmvla/runs",
+        run_name: str = "",
+        preset: str = "libero-2b",
+        backbone: str = "",
+        world_encoder: str = "",
+        window: int = 0,
+        cells: list = list(DEFAULT_CELLS),
+        seeds: list = [0],
+        steps: int = 0,
+        batch_size: int = 0,
+        gpus_per_cell: int = 1,
+        eval_env: str = "libero",
+        eval_suite: str = "libero_spatial",
+        eval_tasks: str = "",
+        episodes: int = 50,
+        workers: int = 16,
+        ablations: list = ["zero", "random", "shuffle"],
+        metaworld_tasks: str = "button-press-topdown,drawer-close,window-open",
+        metaworld_episodes: int = 20,
+        image_size: int = 64,
+        device: str = "",
+        render_backend: str = "egl",
+        workdir: str = "/tmp/wmvla",
+    ):
+        """"" / 0 = the preset's value. dataset: s3:// URI, hub id (in the model cache), folder, or "metaworld"
+        (expert data generated from metaworld_tasks / metaworld_episodes / image_size). run_name: "" = the
+        KFP run's name; results land in <results_uri>/<run>/."""
+        plan = plan_matrix(
+            preset=preset, backbone=backbone, world_encoder=world_encoder, window=window, steps=steps,
+            batch_size=batch_size, cells=cells, seeds=seeds, eval_env=eval_env, eval_suite=eval_suite,
+            eval_tasks=eval_tasks, episodes=episodes, workers=workers, ablations=ablations, results_uri=results_uri,
+            run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, device=device,
+            render_backend=render_backend)
+        apply_platform(plan, platform, "plan").set_caching_options(False)
+
+        data = prepare_dataset(
+            source=dataset, results_uri=results_uri, workdir=workdir, metaworld_tasks=metaworld_tasks,
+            metaworld_episodes=metaworld_episodes, image_size=image_size, workers=workers,
+            render_backend=render_backend)
+        apply_platform(data, platform, "dataset").set_caching_options(True)
+
+        latents = cache_latents(preset=preset, world_encoder=world_encoder, window=window, results_uri=results_uri,
+                                workdir=workdir, device=device, dataset=data.outputs["dataset"])
+        apply_platform(latents, platform, "latents").set_caching_options(True)
+
+        with dsl.ParallelFor(plan.output, name="cells") as cell:
+            train = train_cell(cell=cell, workdir=workdir, gpus=gpus_per_cell, dataset=data.outputs["dataset"],
+                               latents=latents.outputs["latents"])
+            apply_platform(train, platform, "train", gpus=gpus_per_cell)
+            train.set_caching_options(False).set_retry(RETRIES, backoff_duration=RETRY_BACKOFF)
+
+            evaluate = evaluate_cell(cell=cell, workdir=workdir, dataset=data.outputs["dataset"],
+                                     model=train.outputs["model"])
+            apply_platform(evaluate, platform, "evaluate")
+            evaluate.set_caching_options(False).set_retry(RETRIES, backoff_duration=RETRY_BACKOFF)
+
+        summary = report(cells=plan.output, workdir=workdir, results=dsl.Collected(evaluate.outputs["results"]))
+        apply_platform(summary, platform, "report").set_caching_options(False)
+
+    return matrix
+
+
+matrix = build()
