@@ -285,3 +285,11 @@ def test_dashboard_queries_only_metrics_the_code_exports():
     for p in dash["panels"]:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_every_exported_metric_is_documented():
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    families = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in telemetry.exported_names()
+                if not n.endswith(("_sum", "_count"))}
+    missing = sorted(n for n in families if f"`{n}`" not in doc)
+    assert not missing, f"docs/metrics.md does not list: {missing}"
