@@ -103,6 +103,9 @@ class EvalConfig:
     merge: Path | None = None
     """merge the shards of this (sharded) evaluation folder into episodes.jsonl + summary.json and exit;
     refuses missing or overlapping shards. Needs no other flag."""
+    remote: str = ""
+    """URI mirroring --out (s3://bucket/prefix or a folder): episode records are uploaded as they are written
+    (throttled) and a re-run downloads them first and continues (docs/storage.md)"""
     metaworld: MetaWorldSettings = field(default_factory=MetaWorldSettings)
     libero: LiberoSettings = field(default_factory=LiberoSettings)
 
@@ -236,6 +239,13 @@ def run_eval(cfg: EvalConfig) -> int:
 
         out = eval_dir_for(cfg.checkpoint, env_cfg.env, env_cfg.resolved_suite, policy_desc["rollout_memory"])
         print(f"eval: writing to {out} (the checkpoint's evaluation folder; --out overrides)", flush=True)
+    if cfg.remote:  # a lost pod: continue from the records in the bucket (vla_core.eval.remote)
+        from vla_core.eval.remote import restore_eval
+
+        restore_eval(out, cfg.remote)
+    from vla_core.eval.remote import eval_mirror
+
+    mirror = eval_mirror(out, cfg.remote)  # uploads records as they are written; a no-op without --remote
     shards.check_out_dir(out, sharded=shard is not None)
     condition = cfg.condition or default_condition
     engine = cfg.engine_config()
@@ -245,8 +255,10 @@ def run_eval(cfg: EvalConfig) -> int:
         config.update(checkpoint_summary_keys(policy_desc))
     episodes = [EpisodeSpec(task, k, condition) for task in tasks for k in inits]
     if shard is None:
-        records = run_rollouts(env_cfg, policy, episodes, out, engine, run_config=config)
+        with mirror:
+            records = run_rollouts(env_cfg, policy, episodes, out, engine, run_config=config)
         summary = write_summary(out, records, config)
+        mirror.flush()
         print_summary(summary, out)
         return 0
     index, n = shard
@@ -257,9 +269,11 @@ def run_eval(cfg: EvalConfig) -> int:
     print(f"eval: shard {index} of {n}: {len(mine)} of {len(episodes)} episodes -> {out / paths['episodes']}",
           flush=True)
     if mine:
-        run_rollouts(env_cfg, policy, mine, out, engine, run_config=config, episodes_file=paths["episodes"],
-                     run_config_file=paths["run_config"], shard=index)
+        with mirror:
+            run_rollouts(env_cfg, policy, mine, out, engine, run_config=config, episodes_file=paths["episodes"],
+                         run_config_file=paths["run_config"], shard=index)
     summary = shards.merge_shards(out, quiet_if_incomplete=True)
+    mirror.flush()
     if summary is not None:
         print(f"eval: all {n} shards finished; merged into {out / EPISODES_FILE}", flush=True)
         print_summary(summary, out)

@@ -170,6 +170,8 @@ def list_runs(uri: str | Store) -> list[dict]:
                          **(m.get("summary") or {}))
         else:
             objs = run.list()
+            if not objs and problem is None:
+                continue  # an emptied folder some stores keep as a prefix (a deleted run)
             entry.update(created=None, files=len(objs), total_bytes=sum(o.size for o in objs),
                          problem=problem or f"no {MANIFEST}: upload unfinished or interrupted")
         out.append(entry)

@@ -119,6 +119,9 @@ class TrainConfig:
     """runs go to <out_root>/<experiment>/<tag>/seed<seed>"""
     run_dir: str = ""
     """explicit run folder (overrides the naming scheme)"""
+    remote: str = ""
+    """URI mirroring the run folder (s3://bucket/prefix/<run> or a folder): every checkpoint is uploaded when
+    saved; a start without a local checkpoint resumes from the newest complete one there (docs/storage.md)"""
     log_every: int = 10
     val_every: int = 200
     """validate every N steps and at the end (0 = only at the end)"""

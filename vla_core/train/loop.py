@@ -384,6 +384,12 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- run folder: finished -> skip, unfinished -> resume, new -> start
     run_dir = resolve_run_dir(cfg)
+    if cfg.remote:  # a lost pod: bring the newest checkpoint back from the bucket (vla_core.train.remote)
+        from vla_core.train.remote import restore_from_remote
+
+        if accelerator.is_local_main_process:
+            restore_from_remote(run_dir, cfg.remote, say)
+        accelerator.wait_for_everyone()
     status = run_status(run_dir)
     # every rank reads the folder's state before rank 0 creates it (else a rank could see it half-made)
     accelerator.wait_for_everyone()
@@ -516,6 +522,10 @@ def train(cfg: TrainConfig) -> dict:
                                    tokenizer=policy.tokenizer, world=world_record, train_state=train_state,
                                    ema_state=ema_state, extra_meta={"experiment": rcfg.experiment, "final": final},
                                    keep_last=rcfg.keep_checkpoints, tensors=tensors, frozen=frozen)
+            if rcfg.remote:
+                from vla_core.train.remote import upload_checkpoint
+
+                upload_checkpoint(run_dir, path, rcfg.remote)
         accelerator.wait_for_everyone()
         return path
 
@@ -647,6 +657,10 @@ def train(cfg: TrainConfig) -> dict:
                 say(f"train: WARNING: {msg}")
         if failure is None:
             atomic_write_json(run_dir / DONE_FILE, summary)
+            if rcfg.remote:  # the done marker and final logs, so a re-run from the bucket skips the run
+                from vla_core.train.remote import upload_run_files
+
+                upload_run_files(run_dir, rcfg.remote)
     accelerator.wait_for_everyone()  # before raising: the other ranks must not wait for rank 0 forever
     if failure is not None:
         raise WmvlaError(failure)

@@ -31,7 +31,7 @@ LATEST = "latest"
 # Fields that may differ between the original start and a resume of the same run (they do not change
 # what is computed; `distributed`: DDP and FSDP compute the same step and write the same checkpoint).
 RESUME_MAY_DIFFER = ("log_every", "val_every", "ckpt_every", "keep_checkpoints", "mean_baseline_check", "num_workers",
-                     "device", "progress", "out_root", "run_dir", "stop_after", "distributed")
+                     "device", "progress", "out_root", "run_dir", "stop_after", "distributed", "remote")
 
 
 def world_source_name(encoder: str) -> str:
