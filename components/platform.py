@@ -178,7 +178,8 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
     kubernetes.add_pod_label(task, platform.part_of_label, platform.part_of_value)
     kubernetes.add_pod_label(task, platform.microjob_label, microjob)
     # the object store: credentials from the Secret, endpoint / region / results URI from the ConfigMap
-    kubernetes.use_secret_as_env(task, platform.store_secret, {k: k for k in platform.secret_env})
+    if platform.store_secret:  # "" under workload identity: credentials come with the service account
+        kubernetes.use_secret_as_env(task, platform.store_secret, {k: k for k in platform.secret_env})
     kubernetes.use_config_map_as_env(task, platform.store_config, {
         env_names.AWS_REGION: env_names.AWS_REGION, env_names.RESULTS_URI: env_names.RESULTS_URI})
     # absent on AWS S3 itself (the chart writes it only when an endpoint is set)
@@ -192,7 +193,8 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
         task.set_accelerator_type(platform.gpu_resource).set_accelerator_limit(gpus if gpus is not None else r.gpus)
         kubernetes.add_node_selector(task, platform.gpu_node_label, platform.gpu_node_value)
         kubernetes.add_toleration(task, key=platform.gpu_toleration_key, operator="Exists", effect="NoSchedule")
-        kubernetes.use_secret_as_env(task, platform.hf_secret, {platform.hf_env: platform.hf_env}, optional=True)
+        if platform.hf_secret:  # "" = public models only
+            kubernetes.use_secret_as_env(task, platform.hf_secret, {platform.hf_env: platform.hf_env}, optional=True)
         kubernetes.mount_pvc(task, platform.model_cache_pvc, platform.model_cache_mount)
         task.set_env_variable(env_names.HF_HOME, platform.model_cache_mount)
     return task

@@ -1,0 +1,166 @@
+"""The compiled Kubeflow pipeline (pipelines/matrix.yaml): current, shaped as PLATFORM.md says, and every
+microjob on the right pool with the right platform settings; the plan functions behind its loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_EXECUTORS = ("exec-cache-latents", "exec-train-cell", "exec-evaluate-cell")
+CPU_EXECUTORS = ("exec-plan-matrix", "exec-prepare-dataset", "exec-report")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "matrix.yaml").read_text()))
+    assert len(docs) == 2, "expected the pipeline spec and its platform (kubernetes) spec"
+    spec, platform = docs
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_committed_yaml_is_current():
+    from vla_core.cli import main
+
+    assert main(["pipeline", "compile", "--check"]) == 0, "pipelines/matrix.yaml is stale: run `wmvla pipeline compile`"
+
+
+def test_check_fails_on_a_stale_file(tmp_path, capsys):
+    from vla_core.cli import main
+
+    stale = tmp_path / "matrix.yaml"
+    stale.write_text((ROOT / "pipelines" / "matrix.yaml").read_text().replace("NVIDIA-L40S", "NVIDIA-A10G"))
+    assert main(["pipeline", "compile", "--check", "--out", str(stale)]) == 1
+    assert "stale" in capsys.readouterr().err
+
+
+def test_graph_loop_over_the_four_cells_collected_into_the_report(compiled):
+    spec, _ = compiled
+    root = spec["root"]
+    params = root["inputDefinitions"]["parameters"]
+    assert params["cells"]["defaultValue"] == ["E0-mse", "E2-mse", "E0-flow", "E2-flow"]
+    assert params["seeds"]["defaultValue"] == [0]
+    tasks = root["dag"]["tasks"]
+    assert {"plan-matrix", "prepare-dataset", "cache-latents", "report"} <= set(tasks)
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-matrix-Output"
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]
+    assert set(body["tasks"]) == {"train-cell", "evaluate-cell"}
+    assert body["tasks"]["evaluate-cell"]["dependentTasks"] == ["train-cell"]
+    # dsl.Collected: the loop's output is every iteration's evaluate-cell results, and the report reads it
+    selector = body["outputs"]["artifacts"]["pipelinechannel--evaluate-cell-results"]["artifactSelectors"]
+    assert selector == [{"outputArtifactKey": "results", "producerSubtask": "evaluate-cell"}]
+    assert tasks["report"]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
+    # retries where a lost pod resumes from the bucket; caching only where the output is a pure function
+    for name in ("train-cell", "evaluate-cell"):
+        assert body["tasks"][name]["retryPolicy"]["maxRetryCount"] == 2
+        assert not body["tasks"][name]["cachingOptions"].get("enableCache")
+    for name in ("prepare-dataset", "cache-latents"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True
+    for name in ("plan-matrix", "report"):
+        assert not tasks[name]["cachingOptions"].get("enableCache")
+
+
+def test_gpu_microjobs_on_the_l40s_pool_cpu_microjobs_off_it(compiled):
+    from components.platform import DEFAULT
+
+    spec, k8s = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for name in GPU_EXECUTORS:
+        res = executors[name]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+        assert k8s[name]["nodeSelector"]["labels"] == {DEFAULT.gpu_node_label: DEFAULT.gpu_node_value}, name
+        assert k8s[name]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert k8s[name]["pvcMount"][0]["constant"] == DEFAULT.model_cache_pvc
+        assert {"mountPath": "/dev/shm", "medium": "Memory"}.items() <= k8s[name]["emptyDirMounts"][0].items()
+        secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in k8s[name]["secretAsEnv"]}
+        assert secrets == {DEFAULT.store_secret: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           DEFAULT.hf_secret: {"HF_TOKEN"}}, name
+    # the train task's GPU count is the gpus_per_cell parameter; latents and evaluate take one GPU
+    assert executors["exec-train-cell"]["container"]["resources"]["accelerator"]["resourceCount"] == \
+        "{{$.inputs.parameters['pipelinechannel--gpus_per_cell']}}"
+    assert executors["exec-evaluate-cell"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert float(executors["exec-evaluate-cell"]["container"]["resources"]["cpuRequest"]) >= 16  # LIBERO env workers
+    for name in CPU_EXECUTORS:
+        assert "accelerator" not in executors[name]["container"].get("resources", {}), name
+        assert "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
+        secrets = {s["secretName"] for s in k8s[name]["secretAsEnv"]}
+        assert secrets == {DEFAULT.store_secret}, name  # the object store, never the HF token
+    for name in GPU_EXECUTORS + CPU_EXECUTORS:
+        labels = k8s[name]["podMetadata"]["labels"]
+        assert labels[DEFAULT.part_of_label] == DEFAULT.part_of_value
+        assert labels[DEFAULT.microjob_label]
+        maps = {m["configMapName"] for m in k8s[name]["configMapAsEnv"]}
+        assert maps == {DEFAULT.store_config, DEFAULT.metrics_config}
+
+
+def test_images_follow_the_platform_and_install_nothing(compiled, tmp_path):
+    from components.platform import DEFAULT
+
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    kinds = {"exec-plan-matrix": "cpu", "exec-report": "cpu", "exec-prepare-dataset": "eval",
+             "exec-cache-latents": "train", "exec-train-cell": "train", "exec-evaluate-cell": "eval"}
+    for name, kind in kinds.items():
+        container = executors[name]["container"]
+        assert container["image"] == DEFAULT.image(kind)
+        assert "pip install" not in " ".join(container["command"]), name  # kfp is in the images
+
+    from pipelines.cli import compile_pipeline
+
+    out = compile_pipeline(DEFAULT.replace(registry="registry.example.com/lab", tag="abc123"), tmp_path / "m.yaml")
+    images = {e["container"]["image"] for e in yaml.safe_load_all(out.read_text()).__next__()["deploymentSpec"]
+              ["executors"].values()}
+    assert images == {f"registry.example.com/lab/wmvla-{k}:abc123" for k in ("cpu", "train", "eval")}
+
+
+def test_compile_from_chart_values(tmp_path):
+    from components.platform import Platform
+    from pipelines.cli import CompileConfig, compile_pipeline, platform_for
+
+    values = tmp_path / "values.yaml"
+    values.write_text("gpuPool:\n  nodeValue: NVIDIA-H100-80GB-HBM3\nobjectStore:\n  credentials:\n"
+                      "    source: workloadIdentity\n")
+    platform = platform_for(CompileConfig(values=values, tag="t1"))
+    assert isinstance(platform, Platform) and platform.tag == "t1"
+    assert platform.gpu_node_value == "NVIDIA-H100-80GB-HBM3" and platform.store_secret == ""
+    out = compile_pipeline(platform, tmp_path / "m.yaml")
+    _, k8s = yaml.safe_load_all(out.read_text())
+    train = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-cell"]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert [s["secretName"] for s in train["secretAsEnv"]] == [platform.hf_secret]  # no static store keys
+
+
+def test_arguments_are_checked():
+    from pipelines.cli import parse_arguments
+    from vla_core.utils import WmvlaError
+
+    assert parse_arguments(("seeds=[0,1]", "steps=20", "run_name=2024", "cells=E2-flow")) == {
+        "seeds": [0, 1], "steps": 20, "run_name": "2024", "cells": ["E2-flow"]}
+    with pytest.raises(WmvlaError, match="unknown"):
+        parse_arguments(("stepz=3",))
+    with pytest.raises(WmvlaError, match="KEY=VALUE"):
+        parse_arguments(("steps",))
+
+
+def test_plan_cells_and_settings():
+    from vla_core.experiments import cells
+    from vla_core.utils import WmvlaError
+
+    items = cells.plan(cells.matrix_settings("demo", steps=5), ["E0-mse", "E2-flow"], [0, 1], "s3://b/r/x")
+    assert [i["name"] for i in items] == ["E0-mse-seed0", "E2-flow-seed0", "E0-mse-seed1", "E2-flow-seed1"]
+    assert items[0]["settings"]["steps"] == 5 and "backbone" not in items[0]["settings"]  # unset: left out
+    # KFP hands numbers back as doubles
+    floated = {**items[3], "seed": 1.0, "settings": {**items[3]["settings"], "steps": 5.0}}
+    cell, settings, run = cells._unpack(floated)
+    assert cell["seed"] == 1 and cells.load_settings(settings).steps == 5 and run == "s3://b/r/x"
+    with pytest.raises(WmvlaError, match="EXPERIMENT-HEAD"):
+        cells.plan_cells(["E5-mse"], [0])
+    with pytest.raises(WmvlaError, match="empty"):
+        cells.plan_cells([], [0])
+    with pytest.raises(WmvlaError, match="unknown training preset"):
+        cells.matrix_settings("nope")
+    assert cells.torchrun_command(Path("c.json"), 4)[1:5] == ["-m", "torch.distributed.run", "--standalone",
+                                                             "--nproc_per_node=4"]
