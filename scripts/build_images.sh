@@ -62,7 +62,7 @@ fi
 # vfs + chroot: no overlay mounts, no CNI bridge (the build shares the host's network), no daemon
 export STORAGE_DRIVER=vfs
 # docker format: OCI image config has no SHELL (buildah would ignore pipefail)
-BUD=(buildah bud --isolation chroot --layers --format docker)
+BUD=(buildah bud --isolation chroot --layers --format docker --force-rm)
 
 # 2. image names: from the one place that defines them
 declare -A REF
@@ -217,6 +217,11 @@ if [ "$LOCAL_BASE" = 1 ]; then
       echo "build_images.sh: the pip configuration leaked into the history of ${REF[$kind]}" >&2; exit 1
     fi
   done
+  if [[ " $KINDS " == *" cpu "* ]]; then
+    # the CI's pipeline job needs only the pipeline extra: the cpu image (which has no train extra) compiles it
+    log "check cpu: wmvla pipeline compile against these images"
+    run_in cpu sh -c "wmvla pipeline compile --registry '$REGISTRY' --tag '$TAG' --out /tmp/matrix.yaml >/dev/null && grep -c 'image: $REGISTRY/' /tmp/matrix.yaml"
+  fi
   for kind in $KINDS; do
     case "$kind" in cpu|eval) ;; *) continue ;; esac
     log "check $kind: MetaWorld render through EGL (no GPU here: Mesa llvmpipe)"

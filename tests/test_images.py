@@ -181,13 +181,19 @@ def test_build_tools_stay_in_builder_stages(dockerfile):
 
 
 def installed_extras(all_stages: dict, kind: str) -> set[str]:
-    extras = set()
+    """The extras of the wmvla wheel installed into the image's venv; the dependency layer before it must
+    install the requirements of the same extras (requirements-of.py), or `pip install --no-index` fails."""
+    wheel, deps = set(), set()
     for name in venv_stages(all_stages, kind):
         for word, rest in all_stages[name]["ins"]:
             if word == "RUN":
-                for m in re.finditer(r"pip install \"\$\{wheel\}\[([a-z,]+)\]\"", rest):
-                    extras.update(m.group(1).split(","))
-    return extras
+                for m in re.finditer(r"pip install (?:--\S+ )*\"\$\{wheel\}\[([a-z,]+)\]\"", rest):
+                    assert not wheel, f"image {kind}: the wheel is installed twice"
+                    wheel.update(m.group(1).split(","))
+                for m in re.finditer(r"requirements-of\.py ([a-z,]+)", rest):
+                    deps.update(m.group(1).split(","))
+    assert wheel <= deps, f"image {kind}: wheel extras {sorted(wheel)}, dependencies installed for {sorted(deps)}"
+    return wheel
 
 
 def test_each_image_installs_the_extras_its_microjobs_need(dockerfile):
