@@ -81,8 +81,9 @@ class Spy(S3Store):
 
     def put_file(self, local_path, key, sha256=None):
         self._tick()
-        super().put_file(local_path, key, sha256)
+        digest = super().put_file(local_path, key, sha256)
         self.writes.append(key)
+        return digest
 
     def put_bytes(self, key, data):
         self._tick()
@@ -91,8 +92,9 @@ class Spy(S3Store):
 
     def get_file(self, key, local_path):
         self._tick()
-        super().get_file(key, local_path)
+        digest = super().get_file(key, local_path)
         self.gets.append(key)
+        return digest
 
 
 # ------------------------------------------------------------------------------------------ round trip
@@ -128,11 +130,13 @@ def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(12 * store_mod.MiB))
     st = open_store(f"{s3}/mp")
-    st.put_file(src, "big.bin")
+    assert st.put_file(src, "big.bin") == sha256_file(src)  # hashed in the same pass as the upload
     head = st.client.head_object(Bucket=st.bucket, Key=st._key("big.bin"))
     assert head["ETag"].strip('"').endswith("-3"), head["ETag"]  # a multipart ETag names its part count
-    assert head["Metadata"]["sha256"] == sha256_file(src)
-    st.get_file("big.bin", tmp_path / "back.bin")
+    assert st.matches("big.bin", src)  # no sha256 metadata: the parts' ETag, recomputed locally
+    (tmp_path / "other.bin").write_bytes(src.read_bytes()[:-1] + b"x")
+    assert not st.matches("big.bin", tmp_path / "other.bin")
+    assert st.get_file("big.bin", tmp_path / "back.bin") == sha256_file(src)
     assert sha256_file(tmp_path / "back.bin") == sha256_file(src)
 
 

@@ -64,7 +64,7 @@ def publish_run(local_dir: str | os.PathLike, uri: str | Store, *, workers: int 
     store = _store(uri)
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: no such results folder to publish")
-    store.check()  # missing bucket / bad credentials: say so before hashing gigabytes
+    # first request: a missing bucket or wrong credentials fail here, before any upload
     store.delete(MANIFEST)
     kwargs = {"workers": workers} if workers else {}
     res: SyncResult = sync_up(local_dir, store, exclude=lambda rel: rel == MANIFEST, **kwargs)
@@ -81,9 +81,10 @@ def publish_run(local_dir: str | os.PathLike, uri: str | Store, *, workers: int 
     return store.uri
 
 
-def read_manifest(uri: str | Store) -> dict | None:
+def read_manifest(uri: str | Store, present: bool | None = None) -> dict | None:
+    """The run's manifest, or None when it has none. `present`: known from a listing (saves a HEAD)."""
     store = _store(uri)
-    if not store.exists(MANIFEST):
+    if present is False or (present is None and not store.exists(MANIFEST)):
         return None
     try:
         m = json.loads(store.get_bytes(MANIFEST))
@@ -105,9 +106,11 @@ def pull_run(uri: str | Store, local_dir: str | os.PathLike, allow_incomplete: b
     Returns {"uri", "local_dir", "complete", "files", "downloaded", "skipped", "bytes", "problems"}."""
     store = _store(uri)
     local_dir = Path(local_dir)
-    store.check()
-    manifest = read_manifest(store)
-    listed = {o.key: o for o in store.list() if o.key != MANIFEST}
+    # the listing is the first request (a missing bucket / wrong credentials fail here) and says whether
+    # the manifest exists
+    objs = store.list()
+    manifest = read_manifest(store, present=any(o.key == MANIFEST for o in objs))
+    listed = {o.key: o for o in objs if o.key != MANIFEST}
     problems: list[str] = []
     if manifest is None:
         if not listed:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -54,6 +53,53 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
     return h.hexdigest()
 
 
+class _HashingReader:
+    """A read-only, non-seekable view of a file that hashes what is read. boto3 reads a non-seekable
+    stream strictly in order (and uploads the parts concurrently), so the sha256 costs no second pass."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        return data
+
+
+class _HashingWriter:
+    """A write-only, non-seekable file: boto3 then writes the concurrently downloaded ranges in order, so
+    the download is hashed as it lands (no second pass over the file)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
+
+
+def _copy_hashing(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(4 * MiB):
+            h.update(chunk)
+            fo.write(chunk)
+    return h.hexdigest()
+
+
+def multipart_etag(path: str | os.PathLike, chunksize: int) -> str:
+    """The ETag S3 gives an object uploaded in parts of `chunksize`: md5 of the parts' md5s, '-', part count."""
+    digests = []
+    with open(path, "rb") as f:
+        while chunk := f.read(chunksize):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    if len(digests) <= 1:  # a single-part object's ETag is its plain MD5
+        return digests[0].hex() if digests else hashlib.md5(b"", usedforsecurity=False).hexdigest()
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
 def _count_bytes(direction: str, n: int) -> None:
     """The one call site of the telemetry byte counter (direction "up" or "down"; never raises for I/O)."""
     count_bytes(direction, n)
@@ -71,11 +117,13 @@ class Store:
 
     uri: str
 
-    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> None:
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> str:
+        """Upload; returns the file's sha256 (hashed while it is read, unless the caller passes it)."""
         raise NotImplementedError
 
-    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
-        """Download to `local_path` atomically (temp file + rename): a killed download leaves nothing."""
+    def get_file(self, key: str, local_path: str | os.PathLike) -> str:
+        """Download to `local_path` atomically (temp file + rename): a killed download leaves nothing.
+        Returns the sha256 of the bytes received (hashed as they are written)."""
         raise NotImplementedError
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -102,6 +150,11 @@ class Store:
 
     def stored_sha256(self, key: str) -> str | None:
         """The object's sha256 if the store knows it without a download (our metadata / local file)."""
+        raise NotImplementedError
+
+    def matches(self, key: str, local_path: str | os.PathLike, sha256: str | None = None) -> bool:
+        """Is the object `key` the same bytes as the local file (size and checksum)? `sha256`: the local
+        file's, when the caller has it."""
         raise NotImplementedError
 
     def check(self) -> None:
@@ -150,13 +203,14 @@ class LocalStore(Store):
         fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
         os.close(fd)
         try:
-            shutil.copyfile(local_path, tmp)
+            digest = _copy_hashing(local_path, tmp)
             os.replace(tmp, dst)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         _count_bytes("up", dst.stat().st_size)
+        return digest
 
     def get_file(self, key, local_path):
         src = self._path(key)
@@ -167,13 +221,14 @@ class LocalStore(Store):
         fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
         os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
+            digest = _copy_hashing(src, tmp)
             os.replace(tmp, local_path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         _count_bytes("down", local_path.stat().st_size)
+        return digest
 
     def put_bytes(self, key, data):
         from vla_core.utils import atomic_write_bytes
@@ -217,6 +272,12 @@ class LocalStore(Store):
     def stored_sha256(self, key):
         p = self._path(key)
         return sha256_file(p) if p.is_file() else None
+
+    def matches(self, key, local_path, sha256=None):
+        p = self._path(key)
+        if not p.is_file() or p.stat().st_size != Path(local_path).stat().st_size:
+            return False
+        return sha256_file(p) == (sha256 or sha256_file(local_path))
 
 
 # ----------------------------------------------------------------------------------------------- s3
@@ -333,12 +394,29 @@ class S3Store(Store):
 
     def put_file(self, local_path, key, sha256=None):
         local_path = Path(local_path)
-        sha256 = sha256 or sha256_file(local_path)
-        with self._errors("upload to", key):
-            self.client.upload_file(str(local_path), self.bucket, self._key(key),
-                                    ExtraArgs={"Metadata": {SHA256_META: sha256}},
-                                    Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
-        _count_bytes("up", local_path.stat().st_size)
+        size = local_path.stat().st_size
+        threshold = self.multipart_threshold or MULTIPART_THRESHOLD
+        if size < threshold:  # one request; read once, hashed in memory, the checksum goes into metadata
+            data = local_path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            with self._errors("upload to", key):
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       Metadata={SHA256_META: digest})
+        else:
+            # multipart: metadata is fixed when the upload starts, so the sha256 is stored only when the
+            # caller knows it already; otherwise it is computed in the same pass as the upload (for the
+            # manifest) and `matches` falls back to the parts' ETag
+            with open(local_path, "rb") as f, self._errors("upload to", key):
+                reader = _HashingReader(f)
+                self.client.upload_fileobj(reader, self.bucket, self._key(key),
+                                           ExtraArgs={"Metadata": {SHA256_META: sha256}} if sha256 else None,
+                                           Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+            digest = reader.sha256.hexdigest()
+            if sha256 and digest != sha256:
+                raise StorageError(f"{self.describe(key)}: {local_path} changed while it was uploaded (sha256 "
+                                   f"{digest}, expected {sha256}); upload it again")
+        _count_bytes("up", size)
+        return digest
 
     def get_file(self, key, local_path):
         local_path = Path(local_path)
@@ -346,15 +424,17 @@ class S3Store(Store):
         fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
         os.close(fd)
         try:
-            with self._errors("download", key):
-                self.client.download_file(self.bucket, self._key(key), tmp,
-                                          Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+            with open(tmp, "wb") as f, self._errors("download", key):
+                writer = _HashingWriter(f)
+                self.client.download_fileobj(self.bucket, self._key(key), writer,
+                                             Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
             os.replace(tmp, local_path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         _count_bytes("down", local_path.stat().st_size)
+        return writer.sha256.hexdigest()
 
     def put_bytes(self, key, data):
         with self._errors("put", key):
@@ -422,6 +502,19 @@ class S3Store(Store):
         if head is None:
             return None
         return (head.get("Metadata") or {}).get(SHA256_META)
+
+    def matches(self, key, local_path, sha256=None):
+        head = self._head(key)
+        if head is None or int(head.get("ContentLength", -1)) != Path(local_path).stat().st_size:
+            return False
+        stored = (head.get("Metadata") or {}).get(SHA256_META)
+        if stored:
+            return stored == (sha256 or sha256_file(local_path))
+        # no sha256 recorded (a multipart upload of ours, or another tool's upload): the ETag is the MD5 of a
+        # single-part object or the MD5 of the part MD5s; parts of our chunk size are recomputed locally
+        etag = str(head.get("ETag", "")).strip('"')
+        chunk = self.multipart_chunksize or MULTIPART_CHUNKSIZE
+        return bool(etag) and multipart_etag(local_path, chunk) == etag
 
     def check(self) -> None:
         """Fail early with a clear message when the bucket is missing or the credentials are wrong."""

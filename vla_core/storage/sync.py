@@ -11,7 +11,6 @@ large file is itself split into concurrent multipart transfers by boto3.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from typing import Callable, Iterable
 from vla_core.storage.store import (
     MULTIPART_THRESHOLD,
     ObjectInfo,
-    S3Store,
     StorageError,
     Store,
     open_store,
@@ -82,11 +80,12 @@ def sync_up(local_dir: str | os.PathLike, uri: str | Store, *, exclude: Callable
     def one(rel: str) -> tuple[str, bool, int, str]:
         path = local_dir / rel
         size = path.stat().st_size
-        digest = sha256_file(path)
-        if remote.get(rel) == size and store.stored_sha256(rel) == digest:
-            return rel, False, size, digest
-        store.put_file(path, rel, sha256=digest)
-        return rel, True, size, digest
+        if remote.get(rel) == size:  # maybe there already (a re-run): compare checksums before sending
+            digest = sha256_file(path)
+            if store.matches(rel, path, digest):
+                return rel, False, size, digest
+            return rel, True, size, store.put_file(path, rel, sha256=digest)
+        return rel, True, size, store.put_file(path, rel)  # hashed in the same pass as the upload
 
     for rel, sent, size, digest in run_pool(one, rels, workers):
         (result.transferred if sent else result.skipped).append(rel)
@@ -95,27 +94,14 @@ def sync_up(local_dir: str | os.PathLike, uri: str | Store, *, exclude: Callable
     return result
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def local_matches(path: Path, size: int, sha256: str | None, store: Store | None = None, key: str = "") -> bool:
-    """Is the local file at `path` the object (size + sha256)? Without an expected sha256 the store's is
-    asked (metadata); an object uploaded by another tool without one is compared by its single-part ETag
-    (an MD5); when neither exists the file is not trusted (it is downloaded again)."""
+    """Is the local file at `path` the object (size + sha256)? Without an expected sha256 the store is asked
+    (`Store.matches`: our sha256 metadata, else the ETag); when it cannot tell, the file is downloaded again."""
     if not path.is_file() or path.stat().st_size != size:
         return False
-    if sha256 is None and store is not None:
-        sha256 = store.stored_sha256(key)
-        if sha256 is None and isinstance(store, S3Store):
-            head = store._head(key) or {}
-            etag = str(head.get("ETag", "")).strip('"')
-            return bool(etag) and "-" not in etag and _md5_file(path) == etag
-    return sha256 is not None and sha256_file(path) == sha256
+    if sha256 is not None:
+        return sha256_file(path) == sha256
+    return store is not None and store.matches(key, path)
 
 
 def sync_down(uri: str | Store, local_dir: str | os.PathLike, *, objects: list[ObjectInfo] | None = None,
@@ -150,9 +136,8 @@ def sync_down(uri: str | Store, local_dir: str | os.PathLike, *, objects: list[O
         if local_matches(path, obj.size, want, None if want else store, obj.key):
             return obj.key, False, obj.size, want
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # local_files() skips *.part
-        store.get_file(obj.key, tmp)
+        digest = store.get_file(obj.key, tmp)  # hashed as it is written
         got_size = tmp.stat().st_size
-        digest = sha256_file(tmp) if (verify or want) else None
         if want is None and verify:
             want = store.stored_sha256(obj.key)
         if got_size != obj.size or (want is not None and digest != want):
@@ -160,7 +145,7 @@ def sync_down(uri: str | Store, local_dir: str | os.PathLike, *, objects: list[O
             raise StorageError(
                 f"{store.describe(obj.key)}: corrupted object: expected {obj.size} bytes"
                 + (f" with sha256 {want}" if want else "") + f", downloaded {got_size} bytes"
-                + (f" with sha256 {digest}" if digest else "")
+                + f" with sha256 {digest}"
                 + ". The stored copy differs from what was uploaded; re-upload it (nothing local was overwritten)."
             )
         os.replace(tmp, path)
