@@ -17,8 +17,9 @@ import sys
 
 # name -> ("module", "ConfigClass", "function", "one-line help")
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("vla_core.experiments.demo", "DemoConfig", "run_demo",
-             "offline benchmark: MetaWorld data -> latents -> E0-E3 training -> closed-loop eval -> report"),
+    "demo": ("pipelines.demo", "DemoConfig", "run_demo",
+             "offline benchmark through the Kubeflow pipeline (kfp.local): MetaWorld data -> latents -> E0/E2 x "
+             "MSE/flow -> closed-loop eval -> report, in an S3 store"),
     "data inspect": ("vla_core.data.inspect", "InspectConfig", "run_inspect",
                      "summarise a LeRobot dataset and check the configured keys"),
     "data generate": ("vla_core.envs.generate", "GenerateConfig", "run_generate",
