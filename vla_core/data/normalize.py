@@ -13,7 +13,8 @@ Choices (explicit, per `NormStats`):
 - gripper: the action dims in `passthrough_dims` (default: the last action dim) are left unchanged in
   both directions. LIBERO's and MetaWorld's gripper command is already in [-1, 1] (LIBERO: exactly -1
   open / +1 close), so scaling it would only move the decision threshold off 0. `compute_stats` refuses
-  a passthrough dim whose values leave [-1, 1]; pass `passthrough_dims=()` for such data.
+  a passthrough dim whose values leave [-1, 1]; pass `passthrough_dims=()` for such data (`wmvla train
+  --norm.passthrough-dims` with no value, `NormConfig`).
 - constant dims (std or q99 - q01 ~ 0): the scale is replaced by 1, so they map to x - centre (0 on the
   data) and back, instead of dividing by ~0.
 
@@ -28,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -38,6 +39,27 @@ from vla_core.utils import WmvlaError, atomic_write_json
 MODES = ("mean_std", "quantile")
 EPS = 1e-6  # scales below this are treated as a constant dimension
 GRIPPER_TOL = 1e-3
+# Where a user sets the passthrough dims (errors name it; tests/test_cli_fix_flags.py checks that these parse).
+PASSTHROUGH_FLAG = ("`wmvla train --norm.passthrough-dims` (no value: normalise every dim; or the dims to pass "
+                    "through, negative = from the end; config file: norm.passthrough_dims: []; "
+                    "`wmvla matrix --norm-passthrough-dims`)")
+
+
+@dataclass
+class NormConfig:
+    """How the actions are normalised (statistics of the training episodes, saved with every checkpoint, so
+    evaluation uses the same). The state is always mean/std."""
+
+    action_mode: Literal["quantile", "mean_std"] = "quantile"
+    """quantile: the 1st/99th percentiles to [-1, 1], clipped; mean_std: (x - mean) / std"""
+    passthrough_dims: tuple[int, ...] = (-1,)
+    """action dims left as they are (the gripper, already in [-1, 1]); negative = from the end. Empty (the
+    flag with no value) normalises every dim: for a gripper outside [-1, 1]"""
+
+    def __post_init__(self) -> None:
+        self.passthrough_dims = tuple(int(d) for d in self.passthrough_dims)
+        if self.action_mode not in MODES:
+            raise WmvlaError(f"norm.action_mode={self.action_mode!r}; expected one of {list(MODES)}")
 
 
 @dataclass
@@ -110,7 +132,7 @@ def feature_stats(x: np.ndarray, key: str, mode: str = "mean_std", passthrough_d
             raise WmvlaError(
                 f"{key}: dim {d} is passed through unnormalised (the gripper) but its values span "
                 f"[{lo:.3g}, {hi:.3g}], outside [-1, 1]. Rescale the gripper to [-1, 1] in the data, or "
-                "normalise it like the other dims with passthrough_dims=()."
+                f"normalise it like the other dims with passthrough_dims=(): {PASSTHROUGH_FLAG}."
             )
     return stats
 
@@ -123,7 +145,8 @@ def compute_stats(ds: Any, keys: DatasetKeys, action_mode: str = "quantile",
     The result is keyed by dataset key (e.g. "observation.state", "action"), as the policy processor
     looks stats up by the keys it was configured with.
 
-    passthrough_dims: action dims left as they are; None = the last action dim (the gripper).
+    passthrough_dims: action dims left as they are (negative = from the end); None = the last action dim
+    (the gripper).
     frame_indices: restrict to these frames (e.g. the training episodes); default all frames.
     """
     state = np.asarray(ds.columns(keys.state_key))
@@ -131,8 +154,14 @@ def compute_stats(ds: Any, keys: DatasetKeys, action_mode: str = "quantile",
     if frame_indices is not None:
         state, action = state[frame_indices], action[frame_indices]
     action = action.reshape(len(action), -1)
+    dim = action.shape[1]
     if passthrough_dims is None:
-        passthrough_dims = (action.shape[1] - 1,)
+        passthrough_dims = (dim - 1,)
+    bad = [d for d in passthrough_dims if not -dim <= d < dim]
+    if bad:
+        raise WmvlaError(f"{keys.action_key}: passthrough dims {bad} do not exist, the action has {dim} dims "
+                         f"(0..{dim - 1}, or -{dim}..-1 from the end). Fix: {PASSTHROUGH_FLAG}.")
+    passthrough_dims = tuple(sorted({d % dim for d in passthrough_dims}))
     if keys.state_key == keys.action_key:
         raise WmvlaError(f"state_key and action_key are the same column {keys.state_key!r}")
     return {

@@ -63,6 +63,9 @@ class MatrixConfig:
     device: str | None = None
     no_wrist_camera: bool = False
     """train without the preset's wrist camera (for datasets that have none)"""
+    norm_passthrough_dims: tuple[int, ...] | None = None
+    """action dims left unnormalised (`wmvla train --norm.passthrough-dims`); None = the preset's (the last
+    dim, the gripper); the flag with no value normalises every dim (a gripper outside [-1, 1])"""
 
     # ---- evaluation
     env: Literal["metaworld", "libero"] | None = None
@@ -126,6 +129,8 @@ def base_train_config(cfg: MatrixConfig) -> TrainConfig:
         changes["device"] = cfg.device
     if cfg.no_wrist_camera:
         changes["keys"] = dataclasses.replace(t.keys, wrist_image_key=None)
+    if cfg.norm_passthrough_dims is not None:
+        changes["norm"] = dataclasses.replace(t.norm, passthrough_dims=cfg.norm_passthrough_dims)
     policy = {k: v for k, v in (("backbone", cfg.backbone), ("finetune", cfg.finetune)) if v is not None}
     if policy:
         changes["policy"] = dataclasses.replace(t.policy, **policy)

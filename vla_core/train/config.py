@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from vla_core.data.keys import DatasetKeys
+from vla_core.data.normalize import NormConfig
 from vla_core.policy.config import PolicyConfig, tiny_policy_config
 from vla_core.utils import WmvlaError
 from vla_core.world.encoder import WorldEncoderSpec
@@ -90,6 +91,8 @@ class TrainConfig:
     dataset_revision: str | None = None
     keys: DatasetKeys = field(default_factory=DatasetKeys)
     """dataset column names (cameras, state, action, instruction = `task`, episode)"""
+    norm: NormConfig = field(default_factory=NormConfig)
+    """action normalisation; `--norm.passthrough-dims` with no value for a gripper outside [-1, 1]"""
     val_fraction: float = 0.05
     """fraction of episodes held out for validation (at least `val_min_episodes`), chosen by seed"""
     val_min_episodes: int = 1

@@ -302,7 +302,8 @@ def prepare_run(cfg: TrainConfig) -> Setup:
                                         cfg.val_min_episodes, cfg.seed)
     pos = {e.episode_index: e for e in ds.episodes}
     train_frames = np.concatenate([np.arange(pos[e].start, pos[e].stop) for e in train_eps])
-    stats = compute_stats(ds, cfg.keys, frame_indices=train_frames)
+    stats = compute_stats(ds, cfg.keys, action_mode=cfg.norm.action_mode, passthrough_dims=cfg.norm.passthrough_dims,
+                          frame_indices=train_frames)
     return Setup(rcfg, resolve_run_dir(rcfg), ds, train_eps, val_eps, stats, cache, notes)
 
 
