@@ -73,6 +73,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def run_demo_steps(cfg: DemoConfig) -> dict:
+    from vla_core.experiments.report import print_console_table
     from vla_core.storage import pull_run
 
     from pipelines.cli import run_local
@@ -95,7 +96,7 @@ def run_demo_steps(cfg: DemoConfig) -> dict:
         pulled = pull_run(run, out / "results")
     minutes = (time.perf_counter() - t0) / 60
     summary = json.loads((out / "results" / "summary.json").read_text())
-    print_demo_table(summary)
+    print_console_table(summary)
     print(f"\ndemo: report  {(out / 'results' / 'report.md').resolve()}  ({pulled['files']} files verified "
           f"against the run's manifest)\ndemo: time    {minutes:.1f} min")
     print("demo: note: the tiny world encoder has random weights; this shows the pipeline working, not whether "
@@ -118,20 +119,3 @@ def _embedded_store(stack: contextlib.ExitStack, data_dir: Path) -> str:
 
     stack.callback(restore)
     return f"s3://{BUCKET}/runs"
-
-
-def print_demo_table(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="closed-loop success (Wilson 95 % CI)")
-    for col in ("condition", "success", "k/n", "95% CI"):
-        table.add_column(col, justify="left" if col == "condition" else "right")
-    for name, c in summary.get("conditions", {}).items():
-        lo, hi = c["ci95"]
-        table.add_row(name, f"{c['success_rate']:.1%}", f"{c['successes']}/{c['n']}", f"[{lo:.1%}, {hi:.1%}]")
-    console = Console()
-    console.print(table)
-    verdict = summary.get("verdict") or {}
-    if verdict:
-        console.print(f"verdict: {verdict.get('overall')}: {verdict.get('sentence')}")
