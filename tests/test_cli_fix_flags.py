@@ -3,17 +3,24 @@
 - A dataset whose gripper action is not in [-1, 1]: `wmvla train` refuses it with a message naming a flag;
   that very flag (taken from the message) trains it, the config-file form of it parses, and `wmvla matrix`
   passes it into every cell.
+- Every `--flag` written in a string of vla_core (errors, hints, help) parses for the command that module
+  belongs to (`wmvla CMD ... --flag [VALUE] --print-config json`), so a message cannot name a flag that does
+  not exist. A new module or a flag of another program must be added to the tables below.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vla_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ gripper outside [-1, 1] (issue 11.5)
@@ -83,3 +90,81 @@ def test_matrix_passes_the_passthrough_dims_into_every_cell(capsys):
     cell = cell_config(base_train_config(MatrixConfig(preset="tiny", norm_passthrough_dims=())), "E2", "mse", 1)
     assert cell.norm.passthrough_dims == ()
     assert cell_config(base_train_config(MatrixConfig(preset="tiny")), "E0", "mse", 0).norm.passthrough_dims == (-1,)
+
+
+# ------------------------------------------------------------------------- every flag a message names
+
+# The commands a module's messages speak about; a flag found in the module must parse for at least one.
+MODULE_COMMANDS = {
+    "cli.py": ("pipeline compile", "pipeline run"),  # the command table's help lines
+    "data/inspect.py": ("data inspect",),
+    "data/keys.py": ("train", "data inspect"),
+    "data/normalize.py": ("train", "matrix"),
+    "envs/generate.py": ("data generate",),
+    "envs/registry.py": ("eval",),
+    "eval/": ("eval",),
+    "experiments/demo.py": ("demo",),
+    "experiments/matrix.py": ("matrix", "train"),  # (its help points at `wmvla train --preset NAME --help`)
+    "experiments/report.py": ("report",),
+    "policy/": ("train", "eval"),
+    "storage/": ("results push", "results list", "results pull"),
+    "train/": ("train",),
+    "world/cache.py": ("latents",),
+    "world/encoder.py": ("latents", "train"),
+    "world/prophet_train.py": ("prophet train",),
+}
+# Flags of other programs quoted in messages (torchrun, accelerate, hf, pip) and the generic options cli.py
+# handles before tyro (tests/test_cli.py covers those).
+OTHER_PROGRAMS = {"--nproc_per_node", "--num_processes", "--standalone", "--repo-type", "--local-dir", "--no-deps"}
+GENERIC = {"--help", "--config", "--preset", "--print-config", "--flag"}
+# Required positional arguments, so that --print-config can run.
+POSITIONAL = {"data inspect": ["DS"], "data generate": ["metaworld", "--out", "DS"], "latents": ["DS"], "prophet train": ["CACHE"],
+              "report": ["RUN_ROOT"], "results push": ["DIR", "s3://b/p"], "results pull": ["s3://b/p", "DIR"]}
+# A value for flags that are neither booleans / sequences (parse alone) nor take a number or a path ("1").
+VALUES = {"--distributed": "fsdp", "--env": "metaworld", "--experiment": "E2", "--policy.head": "flow",
+          "--precision": "fp32", "--scripted": "expert", "--keys.wrist-image-key": "None", "--encoder": "tiny",
+          "--policy.frozen-dtype": "float32", "--rollout-memory": "pred"}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]")
+
+
+def _flags_in_strings(path: Path) -> set[str]:
+    flags: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            flags |= set(FLAG.findall(node.value))
+    return flags
+
+
+def _parses(command: str, flag: str) -> bool:
+    base = [*command.split(), *POSITIONAL.get(command, [])]
+    tries = [[flag, VALUES[flag]]] if flag in VALUES else [[flag], [flag, "1"]]
+    for extra in tries:
+        try:
+            if main([*base, *extra, "--print-config", "json"]) == 0:
+                return True
+        except SystemExit:  # tyro: unknown flag or a value it cannot parse
+            pass
+    return False
+
+
+def test_every_flag_named_in_vla_core_parses_for_its_command(capsys):
+    missing_modules, unknown = [], []
+    checked = 0
+    for path in sorted((ROOT / "vla_core").rglob("*.py")):
+        rel = path.relative_to(ROOT / "vla_core").as_posix()
+        flags = _flags_in_strings(path) - OTHER_PROGRAMS - GENERIC
+        if not flags:
+            continue
+        commands = next((c for prefix, c in MODULE_COMMANDS.items() if rel == prefix or
+                         (prefix.endswith("/") and rel.startswith(prefix))), None)
+        if commands is None:
+            missing_modules.append(f"{rel}: {sorted(flags)}")
+            continue
+        for flag in sorted(flags):
+            checked += 1
+            if not any(_parses(c, flag) for c in commands):
+                unknown.append(f"{rel}: {flag} (wmvla {' / '.join(commands)})")
+        capsys.readouterr()
+    assert not missing_modules, f"add these modules to MODULE_COMMANDS: {missing_modules}"
+    assert not unknown, "messages name flags that do not exist:\n" + "\n".join(unknown)
+    assert checked > 60  # the scan found the messages (not vacuous)

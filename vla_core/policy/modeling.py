@@ -53,7 +53,8 @@ def _resolve_frozen_dtype(cfg: PolicyConfig) -> torch.dtype:
         dtype = torch.bfloat16 if cfg.frozen_dtype == "bfloat16" else torch.float32
     if dtype == torch.bfloat16 and not cfg.autocast_bf16:
         raise WmvlaError("frozen_dtype=bfloat16 needs autocast_bf16=True (bf16 frozen weights next to fp32 trainable "
-                         "ones only compose under autocast); set autocast_bf16=True or frozen_dtype=float32")
+                         "ones only compose under autocast); set autocast_bf16=True or frozen_dtype=float32 "
+                         "(`wmvla train --policy.autocast-bf16` or `--policy.frozen-dtype float32`)")
     return dtype
 
 
@@ -285,7 +286,8 @@ class VLAPolicy(nn.Module):
         if mode == "oracle":
             if inputs.get("world_future") is None:
                 raise WmvlaError("memory mode oracle needs world_future (the true future latents); at rollout they "
-                                 "do not exist -- evaluate with rollout_memory=pred/zero/random/shuffle")
+                                 "do not exist -- evaluate with rollout_memory=pred/zero/random/shuffle "
+                                 "(`wmvla eval --rollout-memory pred`)")
             return self.prophet.normalize(inputs["world_future"])
         if world_pred is None:
             raise WmvlaError(f"memory mode {mode} needs world_history [B, T={self.cfg.world_history}, "
@@ -314,8 +316,8 @@ class VLAPolicy(nn.Module):
         if memory_mode is None:
             memory_mode = (cfg.rollout_memory or cfg.memory) if rollout else cfg.memory
             if rollout and memory_mode == "oracle" and cfg.rollout_memory is None:
-                raise WmvlaError("trained with oracle memory: choose rollout_memory (pred/zero/random/shuffle) "
-                                 "or pass memory_mode=")
+                raise WmvlaError("trained with oracle memory: choose rollout_memory (pred/zero/random/shuffle; "
+                                 "`wmvla eval --rollout-memory pred`) or pass memory_mode=")
         if (memory_mode == "none") != (self.memory is None):
             raise WmvlaError(f"memory_mode={memory_mode!r} but this policy was built with memory={cfg.memory!r}: "
                              "none means the module does not exist (E0); a policy with the module uses zero instead")

@@ -330,14 +330,16 @@ def build_world_encoder(spec: WorldEncoderSpec, device: str | torch.device | Non
                 f"could not load the V-JEPA 2 encoder {spec.encoder!r} (revision {spec.revision!r}): {e}\n"
                 "Expected a local folder with config.json + weights or a hub id in the local HF cache. Fix: "
                 f"`huggingface-cli download {spec.encoder}` on a machine with hub access and pass the local path, "
-                "or use --encoder tiny for random features."
+                "or `wmvla latents --encoder tiny` for random features (tests, demo)."
             ) from e
         config = model.config
         image_size = spec.image_size or int(config.crop_size)
     model = model.to(dev, compute_dtype).eval().requires_grad_(False)
     dim = int(config.hidden_size)
     if spec.dim is not None and spec.dim != dim:
-        raise WmvlaError(f"spec says dim={spec.dim} but encoder {spec.encoder!r} has hidden size {dim}; drop --dim or fix it.")
+        raise WmvlaError(f"spec says dim={spec.dim} but encoder {spec.encoder!r} has hidden size {dim}: the spec was "
+                         "made for other weights. Use the encoder it names, or leave the width to the encoder "
+                         "(`wmvla train --world.dim None`, the default).")
     if image_size % _patch(config):
         raise WmvlaError(f"image_size {image_size} is not a multiple of the patch size {_patch(config)}.")
     resolved = dataclasses.replace(spec, revision=revision, image_size=image_size, dim=dim, precision=precision)
