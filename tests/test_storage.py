@@ -130,12 +130,18 @@ def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(12 * store_mod.MiB))
     st = open_store(f"{s3}/mp")
-    assert st.put_file(src, "big.bin") == sha256_file(src)  # hashed in the same pass as the upload
+    assert st.put_file(src, "big.bin") == sha256_file(src)
     head = st.client.head_object(Bucket=st.bucket, Key=st._key("big.bin"))
     assert head["ETag"].strip('"').endswith("-3"), head["ETag"]  # a multipart ETag names its part count
-    assert st.matches("big.bin", src)  # no sha256 metadata: the parts' ETag, recomputed locally
+    assert head["Metadata"]["sha256"] == sha256_file(src)
+    # another tool's multipart upload has no sha256 metadata: the parts' ETag is recomputed locally
+    from boto3.s3.transfer import TransferConfig
+
+    st.client.upload_file(str(src), st.bucket, st._key("foreign.bin"),
+                          Config=TransferConfig(multipart_threshold=5 * store_mod.MiB, multipart_chunksize=5 * store_mod.MiB))
+    assert st.stored_sha256("foreign.bin") is None and st.matches("foreign.bin", src)
     (tmp_path / "other.bin").write_bytes(src.read_bytes()[:-1] + b"x")
-    assert not st.matches("big.bin", tmp_path / "other.bin")
+    assert not st.matches("foreign.bin", tmp_path / "other.bin")
     assert st.get_file("big.bin", tmp_path / "back.bin") == sha256_file(src)
     assert sha256_file(tmp_path / "back.bin") == sha256_file(src)
 

@@ -26,7 +26,7 @@ from vla_core.storage.store import (
     sha256_file,
 )
 
-FILE_WORKERS = 16
+FILE_WORKERS = 32  # small objects are latency-bound; <= MAX_POOL_CONNECTIONS so threads never wait for a connection
 
 
 @dataclass
@@ -85,7 +85,7 @@ def sync_up(local_dir: str | os.PathLike, uri: str | Store, *, exclude: Callable
             if store.matches(rel, path, digest):
                 return rel, False, size, digest
             return rel, True, size, store.put_file(path, rel, sha256=digest)
-        return rel, True, size, store.put_file(path, rel)  # hashed in the same pass as the upload
+        return rel, True, size, store.put_file(path, rel)
 
     for rel, sent, size, digest in run_pool(one, rels, workers):
         (result.transferred if sent else result.skipped).append(rel)
@@ -136,7 +136,7 @@ def sync_down(uri: str | Store, local_dir: str | os.PathLike, *, objects: list[O
         if local_matches(path, obj.size, want, None if want else store, obj.key):
             return obj.key, False, obj.size, want
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # local_files() skips *.part
-        digest = store.get_file(obj.key, tmp)  # hashed as it is written
+        digest = store.get_file(obj.key, tmp)
         got_size = tmp.stat().st_size
         if want is None and verify:
             want = store.stored_sha256(obj.key)

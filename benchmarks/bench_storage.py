@@ -1,0 +1,142 @@
+"""Throughput of vla_core.storage against raw boto3, same server, same run (issue 13).
+
+One real SeaweedFS server (vla_core.storage.seaweed, loopback, authentication on) and, interleaved in rounds
+(the order flipped every round so other jobs' load hits both alike):
+
+  big file   push: `publish_run` of a folder holding one --big-mb file (sha256 + multipart upload + manifest)
+                   vs raw `client.upload_file` (boto3's default TransferConfig);
+             pull: `pull_run` (download + sha256 verified against the manifest) vs raw `client.download_file`.
+             Every round uses fresh keys and fresh local folders (nothing is skipped as "already there").
+  small files  `sync_up` of --small-n files of --small-kb each (the thread pool) vs the same files uploaded
+             one at a time with raw `client.upload_file` in a loop.
+
+Goals: push and pull >= 0.9 of raw boto3; many small files >= 3x one at a time.
+
+    python benchmarks/bench_storage.py                        # ~1-2 min on 2 CPU cores
+    python benchmarks/bench_storage.py --big-mb 256 --rounds 5
+
+Prints one JSON object (medians of the per-round ratios and of the throughputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds: the client's own cost, the server runs elsewhere)"""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big-mb", type=int, default=128)
+    ap.add_argument("--small-n", type=int, default=300)
+    ap.add_argument("--small-kb", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+
+    from vla_core.storage import open_store, publish_run, pull_run, sync_up
+    from vla_core.storage.seaweed import SeaweedFS
+
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp_s, SeaweedFS(Path(tmp_s) / "s3") as server:
+        tmp = Path(tmp_s)
+        os.environ.update(server.env())
+        bucket = server.create_bucket("bench")[len("s3://"):]
+        raw = server.client()  # plain boto3 client: default retries / TransferConfig
+
+        big_dir = tmp / "big"
+        big_dir.mkdir()
+        big = big_dir / "model.safetensors"
+        with open(big, "wb") as f:
+            for _ in range(args.big_mb):
+                f.write(os.urandom(1024 * 1024))
+        small_dir = tmp / "small"
+        for i in range(args.small_n):
+            p = small_dir / f"d{i % 10}" / f"f{i:05d}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(os.urandom(args.small_kb * 1024))
+        small_files = sorted(p for p in small_dir.rglob("*") if p.is_file())
+        # warm-up: the first writes to a new bucket allocate its volumes
+        publish_run(small_dir, f"s3://{bucket}/warmup")
+
+        rows = []
+        for r in range(args.rounds):
+            tag = uuid.uuid4().hex[:8]
+            ours_up = lambda: publish_run(big_dir, f"s3://{bucket}/ours-{tag}")  # noqa: E731
+            raw_up = lambda: raw.upload_file(str(big), bucket, f"raw-{tag}/model.safetensors")  # noqa: E731
+            ours_down = lambda: pull_run(f"s3://{bucket}/ours-{tag}", tmp / f"pull-{tag}")  # noqa: E731
+            raw_down = lambda: raw.download_file(bucket, f"raw-{tag}/model.safetensors",  # noqa: E731
+                                                 str(tmp / f"raw-{tag}.bin"))
+            ours_small = lambda: sync_up(small_dir, f"s3://{bucket}/small-ours-{tag}")  # noqa: E731
+
+            def raw_small() -> None:
+                for p in small_files:
+                    raw.upload_file(str(p), bucket, f"small-raw-{tag}/{p.relative_to(small_dir).as_posix()}")
+
+            pairs = [("up", ours_up, raw_up), ("down", ours_down, raw_down), ("small", ours_small, raw_small)]
+            row = {}
+            for name, ours, base in pairs:
+                if r % 2:
+                    t_base, t_ours = _timed(base), _timed(ours)
+                else:
+                    t_ours, t_base = _timed(ours), _timed(base)
+                row[name] = (t_ours, t_base)
+            (tmp / f"raw-{tag}.bin").unlink()
+            import shutil
+
+            shutil.rmtree(tmp / f"pull-{tag}")
+            rows.append(row)
+            print(json.dumps({"round": r, **{k: {"ours_wall_cpu": [round(x, 3) for x in a],
+                                                 "raw_wall_cpu": [round(x, 3) for x in b]}
+                                             for k, (a, b) in row.items()}}), flush=True)
+
+        mb = big.stat().st_size / 1e6
+        small_mb = sum(p.stat().st_size for p in small_files) / 1e6
+
+        def med(xs):
+            return round(statistics.median(xs), 3)
+
+        def quartiles(xs):
+            q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+            return [round(q[0], 3), round(q[2], 3)]
+
+        def ratios(name):  # raw time / our time per round: > 1 = ours faster
+            return [r[name][1][0] / r[name][0][0] for r in rows]
+
+        def cpu_ratio(name):  # our client CPU / raw client CPU, summed over rounds
+            return round(sum(r[name][0][1] for r in rows) / max(1e-9, sum(r[name][1][1] for r in rows)), 3)
+
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+            "big_mb": round(mb, 1), "small_files": len(small_files), "small_kb": args.small_kb, "rounds": args.rounds,
+            "push_mb_s": {"ours": med([mb / r["up"][0][0] for r in rows]),
+                          "raw_boto3": med([mb / r["up"][1][0] for r in rows])},
+            "pull_mb_s": {"ours": med([mb / r["down"][0][0] for r in rows]),
+                          "raw_boto3": med([mb / r["down"][1][0] for r in rows])},
+            "push_ratio_vs_raw": med(ratios("up")), "push_ratio_quartiles": quartiles(ratios("up")),
+            "pull_ratio_vs_raw": med(ratios("down")), "pull_ratio_quartiles": quartiles(ratios("down")),
+            "small_files_per_s": {"ours_concurrent": med([len(small_files) / r["small"][0][0] for r in rows]),
+                                  "raw_one_at_a_time": med([len(small_files) / r["small"][1][0] for r in rows])},
+            "small_speedup": med(ratios("small")), "small_speedup_quartiles": quartiles(ratios("small")),
+            "client_cpu_ours_over_raw": {k: cpu_ratio(k) for k in ("up", "down", "small")},
+            "small_mb": round(small_mb, 2),
+        }
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
