@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import threading
-import time
 import urllib.request
 import warnings
 from pathlib import Path

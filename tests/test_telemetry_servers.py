@@ -12,9 +12,7 @@ Every wait polls with a deadline (the machine may be loaded); nothing sleeps a f
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -28,10 +26,9 @@ import pytest
 
 from vla_core import env_names, telemetry
 from vla_core.telemetry import exposure
-from vla_core.train.config import get_preset
 from vla_core.utils import read_jsonl
 
-from test_telemetry import METRIC_ENV, dashboard_exprs, free_port, telemetry_warnings
+from test_telemetry import METRIC_ENV, dashboard_exprs, free_port, telemetry_warnings, tiny_train_cfg
 
 DEADLINE_S = 40.0
 
@@ -124,13 +121,6 @@ def prom_query(prom_url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def tiny_train_cfg(data, out_root, steps: int):
-    cfg = get_preset("tiny")
-    return dataclasses.replace(cfg, dataset=data["dataset"], latents=data["latents"], out_root=str(out_root),
-                               optim=dataclasses.replace(cfg.optim, steps=steps), log_every=2, val_every=0,
-                               ckpt_every=10_000, mean_baseline_check="off")
-
-
 def test_training_pushes_and_prometheus_finds_step_and_loss(servers, data, tmp_path, monkeypatch):
     from vla_core.train.loop import train
 
@@ -138,7 +128,7 @@ def test_training_pushes_and_prometheus_finds_step_and_loss(servers, data, tmp_p
     monkeypatch.setenv(env_names.RUN_ID, "push-train-test")
     monkeypatch.setattr(telemetry, "PUSH_INTERVAL_S", 0.2)  # the periodic pushes, not only the final one
     pushes_before = exposure.push_counts["attempts"]
-    cfg = tiny_train_cfg(data, tmp_path, steps=6)
+    cfg = tiny_train_cfg(data, tmp_path, steps=6, log_every=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         summary = train(cfg)
@@ -191,7 +181,7 @@ def test_unreachable_pushgateway_warns_once_and_training_finishes(data, tmp_path
     failures_before = exposure.push_counts["failures"]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        summary = train(tiny_train_cfg(data, tmp_path, steps=4))
+        summary = train(tiny_train_cfg(data, tmp_path, steps=4, log_every=2))
     assert summary["finished"] and summary["step"] == 4
     assert exposure.push_counts["failures"] - failures_before >= 2  # periodic pushes and the final one
     found = telemetry_warnings(record)
