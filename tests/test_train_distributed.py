@@ -286,7 +286,6 @@ def assert_same_training(run_1: Path, run_2: Path, cfg, steps: int, extra_weight
         compared, total = compared + int(ok.sum()), total + int((g != 0).sum())
         u1, u2 = (w1[k] - init[k])[ok], (w2[k] - init[k])[ok]
         lr = lrs[0] * lr_scale[k]
-        assert bool((u1.abs() > 0.5 * lr).all()), k  # a well-conditioned element moves by ~lr
         torch.testing.assert_close(u2, u1, rtol=0, atol=UPDATE_TOL * lr + rounding(init[k]),
                                    msg=lambda m, k=k: f"step-1 update of {k} (well-conditioned elements): {m}")
     assert compared > 0.8 * total, (compared, total)  # the ill-conditioned elements are few
