@@ -48,6 +48,7 @@ from vla_core.utils import read_jsonl
 
 STEPS = 4
 RUN = Path("E2") / "tiny_m2_delta_mse" / "seed0"
+LAUNCH_TIMEOUT_S = 600
 
 # Installed into every Python process of the launched run (PYTHONPATH): records what each rank opens for
 # writing, renames, creates or deletes under WMVLA_AUDIT_ROOT, via audit hooks (PEP 578).
@@ -105,7 +106,9 @@ def _launch_ddp(data, out_root: Path, audit_dir: Path, extra: list[str]) -> subp
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "vla_core.cli", "train", "--preset", "tiny", "--dataset", data["dataset"], "--latents", data["latents"],
            "--out-root", str(out_root), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    # a guard against a hung process group, not a speed check (the launch: ~40 s on an idle 2-core machine; the
+    # whole test took up to 3.5 min at load average 15)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
 
 def _valid_counts(cfg, batch_size: int, world_size: int, steps: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from test_train_distributed import (
     LATER_GRAD_TOL,
+    LAUNCH_TIMEOUT_S,
     RUN,
     _free_port,
     _initial_trainable,
@@ -148,7 +149,8 @@ def _launch_torchrun(data, out_root: Path, extra: list[str]) -> subprocess.Compl
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "vla_core.cli", "train",
            "--preset", "tiny", "--dataset", data["dataset"], "--latents", data["latents"], "--out-root", str(out_root),
            *extra]
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("mode", ["lora", "frozen_vision"])
