@@ -139,7 +139,9 @@ def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
 
     st.client.upload_file(str(src), st.bucket, st._key("foreign.bin"),
                           Config=TransferConfig(multipart_threshold=5 * store_mod.MiB, multipart_chunksize=5 * store_mod.MiB))
-    assert st.stored_sha256("foreign.bin") is None and st.matches("foreign.bin", src)
+    foreign = st.client.head_object(Bucket=st.bucket, Key=st._key("foreign.bin"))
+    assert st.stored_sha256("foreign.bin") is None, foreign
+    assert st.matches("foreign.bin", src), (foreign, store_mod.multipart_etag(src, 5 * store_mod.MiB))
     (tmp_path / "other.bin").write_bytes(src.read_bytes()[:-1] + b"x")
     assert not st.matches("foreign.bin", tmp_path / "other.bin")
     assert st.get_file("big.bin", tmp_path / "back.bin") == sha256_file(src)

@@ -53,6 +53,24 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
     return h.hexdigest()
 
 
+def _temp_next_to(path: Path) -> str:
+    """A temp file beside `path` (same filesystem: the rename is atomic) with the usual umask-based mode
+    (mkstemp's 0600 would leave pulled results readable by their owner only)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
+def _read_umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: done once, at import, before any thread runs
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _copy_hashing(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(src, "rb") as fi, open(dst, "wb") as fo:
@@ -173,8 +191,7 @@ class LocalStore(Store):
     def put_file(self, local_path, key, sha256=None):
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
-        os.close(fd)
+        tmp = _temp_next_to(dst)
         try:
             digest = _copy_hashing(local_path, tmp)
             os.replace(tmp, dst)
@@ -191,8 +208,7 @@ class LocalStore(Store):
             raise StorageError(f"{self.describe(key)}: no such object")
         local_path = Path(local_path)
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
-        os.close(fd)
+        tmp = _temp_next_to(local_path)
         try:
             digest = _copy_hashing(src, tmp)
             os.replace(tmp, local_path)
@@ -390,8 +406,7 @@ class S3Store(Store):
     def get_file(self, key, local_path):
         local_path = Path(local_path)
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".part", dir=local_path.parent)
-        os.close(fd)
+        tmp = _temp_next_to(local_path)
         try:
             # download_file writes the concurrently fetched ranges in place; hashing afterwards (from the page
             # cache) was clearly faster in our trials than hashing through an in-order writer (non-seekable
