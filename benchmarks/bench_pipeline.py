@@ -44,7 +44,7 @@ def main() -> None:
     dataset = cells.prepare_dataset("metaworld", str(results), str(work), tasks=demo.tasks, episodes=demo.train_episodes,
                                     image_size=64, workers=args.workers)
     latents = cells.cache_latents("demo", "", 0, dataset, str(results), str(work))
-    local_ds = cells.local_dataset(dataset, str(work))
+    local_ds = cells.local_dataset(dataset, str(work), "inprocess")
     settings = cells.matrix_settings("demo", steps=args.steps, episodes=args.episodes, workers=args.workers,
                                      device="cpu")
     npy = cells.local_latents(latents, settings, str(work))

@@ -147,7 +147,7 @@ def prepare_dataset(source: str, results_uri: str, workdir: str, *, tasks: str, 
         if source.startswith("s3://"):
             if not open_store(source).exists("meta/info.json"):
                 raise WmvlaError(f"dataset {source}: no meta/info.json under this prefix; expected a LeRobot "
-                                 "dataset (upload it with `wmvla results push`-style sync, meta/info.json last)")
+                                 "dataset folder uploaded as it is (meta/info.json last, so a half upload is refused)")
         elif Path(source).exists() and not (Path(source) / "meta" / "info.json").is_file():
             raise WmvlaError(f"dataset {source}: a folder without meta/info.json; expected a LeRobot dataset")
         return str(Path(source).resolve()) if Path(source).exists() else source
@@ -168,11 +168,13 @@ def prepare_dataset(source: str, results_uri: str, workdir: str, *, tasks: str, 
     return uri
 
 
-def local_dataset(uri: str, workdir: str) -> Path:
-    """A local folder holding the dataset (synced from the store; local paths and hub ids as they are)."""
+def local_dataset(uri: str, workdir: str, scope: str) -> Path:
+    """A local folder holding the dataset (synced from the store; local paths and hub ids as they are).
+    `scope` (the cell's name) gives each task its own copy: a sync briefly hides meta/info.json, so tasks
+    that share a disk (kfp.local runs two loop iterations at once) must not share the folder."""
     from vla_core.storage import sync_dataset
 
-    return Path(sync_dataset(uri, Path(workdir) / "datasets"))
+    return Path(sync_dataset(uri, Path(workdir) / "datasets" / scope))
 
 
 # ---------------------------------------------------------------------------------------- latents
@@ -199,7 +201,7 @@ def cache_latents(preset: str, world_encoder: str, window: int, dataset_uri: str
     if store.exists(meta_path(Path(name)).name):
         print(f"latents: {uri}/{name} exists; reusing it", flush=True)
         return uri
-    ds = local_dataset(dataset_uri, workdir)
+    ds = local_dataset(dataset_uri, workdir, "latents")
     local = _local_root(workdir, uri)
     npy = local / name
     try:
@@ -261,12 +263,11 @@ def train_cell(item: dict, dataset_uri: str, latents_uri: str, workdir: str, gpu
     """Train one loop item of `plan`; checkpoints go to the store as they are saved, so a re-run on a new
     pod resumes. gpus: processes to launch (None: every visible GPU; torchrun when > 1). Returns done.json
     plus "uri" (the cell's run folder in the store) and "cell"."""
-    from vla_core.storage import sync_up
     from vla_core.train.loop import train
 
     cell, settings, run = _unpack(item)
     root, run_dir, uri = cell_paths(settings, cell, run, workdir)
-    ds = local_dataset(dataset_uri, workdir)
+    ds = local_dataset(dataset_uri, workdir, cell["name"])
     latents = local_latents(latents_uri, settings, workdir) if cell["experiment"] != "E0" else ""
     tcfg = dataclasses.replace(cell_train_config(settings, cell, str(ds), str(latents), root), remote=uri)
     if gpus is None:
@@ -282,11 +283,23 @@ def train_cell(item: dict, dataset_uri: str, latents_uri: str, workdir: str, gpu
         summary = json.loads((run_dir / "done.json").read_text())
     else:
         summary = train(tcfg)
-    sync_up(run_dir, uri, exclude=lambda rel: rel.startswith("eval/"))  # logs, config, done.json
+    # nothing to upload here: with `remote` the loop itself mirrors checkpoints, logs and done.json
     return {**summary, "uri": uri, "cell": cell}
 
 
 # --------------------------------------------------------------------------------------- evaluate
+
+
+def checkpoint_objects(store) -> list:
+    """What evaluating a trained run needs from the store: its newest checkpoint (named by checkpoints/latest)
+    and the run's top-level files; not the older checkpoints (GBs each for a 2B full fine-tune)."""
+    from vla_core.train.rundir import CKPT_DIR, LATEST
+
+    if not store.exists(f"{CKPT_DIR}/{LATEST}"):
+        raise WmvlaError(f"{store.describe(CKPT_DIR)}: no {LATEST} checkpoint; has the cell's training finished?")
+    name = store.get_bytes(f"{CKPT_DIR}/{LATEST}").decode().strip()
+    return [o for o in store.list() if "/" not in o.key or o.key == f"{CKPT_DIR}/{LATEST}"
+            or o.key.startswith(f"{CKPT_DIR}/{name}/")]
 
 
 def eval_config_for(cfg: MatrixConfig, plan, ckpt: Path, mode: str, condition: str, out: Path, remote: str,
@@ -317,10 +330,9 @@ def evaluate_cell(item: dict, dataset_uri: str, workdir: str) -> dict:
     cell, settings, run = _unpack(item)
     cfg = load_settings(settings)
     root, run_dir, uri = cell_paths(settings, cell, run, workdir)
-    store = open_store(uri)
-    sync_down(store, run_dir, objects=[o for o in store.list() if not o.key.startswith("eval/")])
+    sync_down(uri, run_dir, objects=checkpoint_objects(open_store(uri)))
     ckpt = resolve_checkpoint(run_dir)
-    plan = eval_plan(cfg, str(local_dataset(dataset_uri, workdir)))
+    plan = eval_plan(cfg, str(local_dataset(dataset_uri, workdir, cell["name"])))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     # as `wmvla matrix`: one policy thread on CPU leaves the cores to the env renderers
