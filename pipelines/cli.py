@@ -156,6 +156,9 @@ def run_local(arguments: dict, pipeline_root: str | Path) -> None:
     from pipelines.matrix import matrix
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    # kfp.local runs two loop iterations at once; each task's torch would otherwise take every core, and
+    # two OpenMP pools spinning on the same cores slow both down many times over. The tasks inherit this.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     with warnings.catch_warnings():  # resource / accelerator settings do not apply to local runs
         warnings.simplefilter("ignore")
         matrix(**arguments)
