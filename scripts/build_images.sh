@@ -5,7 +5,8 @@
 #   bash scripts/build_images.sh --local-base            the local check (root, Debian): builds a Debian
 #        bookworm base with debootstrap from this machine's apt mirror, imports it with buildah, builds the
 #        cpu and eval images FROM it (torch: this machine's CPU wheel), then runs `wmvla --help` in both and
-#        a MetaWorld render through EGL (Mesa, software) inside the eval image. ~15-25 min on 2 cores.
+#        MetaWorld renders through EGL (Mesa, software) in both and a LIBERO render in eval. ~22 min
+#        on 2 cores (docs/benchmarks.md). Free the disk afterwards: buildah --storage-driver vfs rmi --all
 #   bash scripts/build_images.sh --registry R --tag T [--kinds "cpu train eval"] [--push]
 #        builds FROM the Dockerfile's default BASE_IMAGE (pulled from a registry) and optionally pushes.
 #
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         .venv/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$//' | grep -vi '^wmvla=='; } \
         > images/constraints.txt.tmp && mv images/constraints.txt.tmp images/constraints.txt
       echo "images/constraints.txt: $(grep -c '==' images/constraints.txt) pins"; exit 0 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "build_images.sh: unknown option '$1' (expected --local-base, --kinds, --registry, --tag, --push, --skip-libero-assets, --base-only; see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -59,10 +60,16 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# vfs + chroot: no overlay mounts, no CNI bridge (the build shares the host's network), no daemon
-export STORAGE_DRIVER=vfs
-# docker format: OCI image config has no SHELL (buildah would ignore pipefail)
-BUD=(buildah bud --isolation chroot --layers --format docker --force-rm)
+# vfs + chroot: no overlay mounts (works inside containers that refuse them), no CNI bridge (the build
+# shares the host's network), no daemon. The driver is a global flag on every call: buildah 1.28 ignores
+# a STORAGE_DRIVER variable. WMVLA_STORAGE_DRIVER=overlay is faster where the kernel allows it.
+DRIVER=${WMVLA_STORAGE_DRIVER:-vfs}
+bh() { buildah --storage-driver "$DRIVER" "$@"; }
+# docker format: OCI image config has no SHELL (buildah would ignore pipefail). --layers (a cache layer per
+# instruction) only with overlay: vfs stores every layer as a full copy (~40 GB for the two images), and
+# the cache rarely hits here anyway (the source tree changes between runs)
+BUD=(buildah --storage-driver "$DRIVER" bud --isolation chroot --format docker)
+if [ "$DRIVER" != vfs ]; then BUD+=(--layers --force-rm); fi
 
 # 2. image names: from the one place that defines them
 declare -A REF
@@ -110,7 +117,7 @@ BUILD_ARGS=(--build-arg "LIBERO_ASSETS=$LIBERO_ASSETS")
 VOLUMES=()
 if [ "$LOCAL_BASE" = 1 ]; then
   BASE=localhost/wmvla-base:bookworm
-  if buildah inspect --type image "$BASE" >/dev/null 2>&1; then
+  if bh inspect --type image "$BASE" >/dev/null 2>&1; then
     log "base $BASE: present (buildah rmi $BASE to rebuild it)"
   else
     # the mirror apt uses here (deb822 .sources first, then one-line sources.list)
@@ -122,13 +129,13 @@ if [ "$LOCAL_BASE" = 1 ]; then
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
       || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
     rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
-    ctr=$(buildah from scratch)
-    mnt=$(buildah mount "$ctr")
+    ctr=$(bh from scratch)
+    mnt=$(bh mount "$ctr")
     tar -C "$work/rootfs" --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' -cf - . | tar -C "$mnt" -xf -
-    buildah umount "$ctr" >/dev/null
-    buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash "$ctr"
-    buildah commit --quiet "$ctr" "$BASE" >/dev/null
-    buildah rm "$ctr" >/dev/null 2>&1 || true  # (commit may already have released it)
+    bh umount "$ctr" >/dev/null
+    bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash "$ctr"
+    bh commit --quiet "$ctr" "$BASE" >/dev/null
+    bh rm "$ctr" >/dev/null 2>&1 || true  # (commit may already have released it)
     rm -rf "$work/rootfs"
     log "base $BASE committed in $(( $(date +%s) - t0 )) s"
   fi
@@ -164,10 +171,10 @@ done
 
 # 6. checks inside the built images (as the image's non-root user)
 run_in() {  # run_in KIND CMD...: run a command in a throw-away container of the image
-  local c; c=$(buildah from --quiet "${REF[$1]}"); shift
+  local c; c=$(bh from --quiet "${REF[$1]}"); shift
   local rc=0
-  buildah run --isolation chroot "$c" -- "$@" || rc=$?
-  buildah rm "$c" >/dev/null
+  bh run --isolation chroot "$c" -- "$@" || rc=$?
+  bh rm "$c" >/dev/null
   return $rc
 }
 # the render check: a MetaWorld env of the project's own adapter, reset and stepped, its camera image
@@ -213,7 +220,7 @@ if [ "$LOCAL_BASE" = 1 ]; then
   for kind in $KINDS; do
     log "check $kind: non-root, no pip configuration left, wmvla --help, kfp importable"
     run_in "$kind" sh -c 'test "$(id -u)" != 0 && test ! -e /etc/pip.conf && test ! -e /run/secrets/pip_ca && wmvla --help >/dev/null && python -c "import os, kfp, vla_core, components, pipelines; print(\"uid\", os.getuid(), \"kfp\", kfp.__version__)"'
-    if buildah inspect --type image --format '{{range .History}}{{.CreatedBy}}{{end}}' "${REF[$kind]}" | grep -q -i -e "BEGIN CERTIFICATE" -e "index-url"; then
+    if bh inspect --type image --format '{{range .History}}{{.CreatedBy}}{{end}}' "${REF[$kind]}" | grep -q -i -e "BEGIN CERTIFICATE" -e "index-url"; then
       echo "build_images.sh: the pip configuration leaked into the history of ${REF[$kind]}" >&2; exit 1
     fi
   done
@@ -234,11 +241,12 @@ if [ "$LOCAL_BASE" = 1 ]; then
 fi
 
 # 7. sizes, push, cleanup
+size_of() { bh images --format '{{.Size}}' "$1" 2>/dev/null | head -1; }
+if [ "$LOCAL_BASE" = 1 ]; then log "base $BASE: $(size_of "$BASE")"; fi
 for kind in $KINDS; do
-  size=$(buildah inspect --type image --format '{{.Size}}' "${REF[$kind]}" 2>/dev/null || echo "?")
-  log "image ${REF[$kind]}: ${SECS[$kind]:-?} s, $(buildah images --format '{{.Size}}' "${REF[$kind]}" 2>/dev/null | head -1) ($size)"
+  log "image ${REF[$kind]}: built in ${SECS[$kind]:-?} s, $(size_of "${REF[$kind]}") (buildah images, uncompressed)"
 done
 if [ "$PUSH" = 1 ]; then
-  for kind in $KINDS; do log "push ${REF[$kind]}"; buildah push "${REF[$kind]}"; done
+  for kind in $KINDS; do log "push ${REF[$kind]}"; bh push "${REF[$kind]}"; done
 fi
 log "total $(( $(date +%s) - t_start )) s"
