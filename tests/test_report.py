@@ -534,3 +534,21 @@ def test_config_keys_win_over_the_folder_layout(tmp_path):
     atomic_write_json(folder / "summary.json", summary)
     (run,), _, _ = load_eval_runs(tmp_path)
     assert (run.experiment, run.head, run.seed, run.rollout_memory) == ("E2", "mse", 0, "pred")
+
+
+def test_matrix_without_e1_is_judged_on_the_other_criteria_and_says_so(tmp_path):
+    """The design card's four cells (E0 / E2 x heads) have no E1: the capacity control is 'not run' (not a
+    reason for 'inconclusive'), the verdict rests on E2 vs E0 and pred vs zero / random, and says E1 is absent."""
+    import shutil
+
+    root = make_root(tmp_path)
+    shutil.rmtree(root / "E1")
+    v = report(root)["verdict"]
+    mse = v["per_head"]["mse"]
+    assert mse["criteria"]["capacity_control"]["status"] == "not run"
+    assert mse["overall"] == "supported", mse["sentence"]
+    assert "E1 was not in this matrix" in mse["sentence"] and "E1-E0" not in mse["sentence"]
+    # a refused or failing criterion still decides as before: E2 no better than E0 is not 'supported'
+    root2 = make_root(tmp_path / "flat", e2_e0=(30, 2, 2))
+    shutil.rmtree(root2 / "E1")
+    assert report(root2)["verdict"]["per_head"]["mse"]["overall"] != "supported"
