@@ -96,7 +96,6 @@ class Platform:
         return cls(**changes)
 
 
-
 DEFAULT = Platform()
 
 # Platform field <- dotted path in charts/wmvla/values.yaml, and the type the value must have there.
@@ -162,6 +161,9 @@ MICROJOBS: dict[str, Microjob] = {
     "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi")),
     "evaluate": Microjob("eval", Resources(cpu="16", memory="64Gi", gpus=1, shm="8Gi")),
     "report": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
+    # evaluation shards: plan (needs LIBERO's task lists: eval image, CPU pool) and merge (records only)
+    "plan-shards": Microjob("eval", Resources(cpu="500m", memory="2Gi")),
+    "merge": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
 }
 
 

@@ -2,7 +2,8 @@
 
     plan (CPU) -> prepare dataset (CPU, cached) -> cache latents (1 GPU, cached)
       -> ParallelFor cell in cells x seeds:  train cell (GPU pool, `gpus_per_cell` GPUs, retried)
-                                             -> evaluate cell (GPU pool, EGL, retried)
+                                             -> plan shards -> ParallelFor shard: evaluate shard (GPU pool,
+                                                EGL, retried, resumes from its prefix) -> merge shards (CPU)
       -> report (CPU): Collected results -> HTML + Markdown + Metrics in the KFP UI, published to the bucket
 
 Every step is a component in components/ (a thin call into vla_core.experiments.cells); where it runs
@@ -14,9 +15,11 @@ returns the pipeline for one install (registry, tag, node label: `wmvla pipeline
 from kfp import dsl
 
 from components.dataset import prepare_dataset
-from components.evaluate import evaluate_cell
+from components.evaluate_shard import evaluate_shard
 from components.latents import cache_latents
+from components.merge_shards import merge_shards
 from components.plan import plan_matrix
+from components.plan_shards import plan_shards
 from components.platform import DEFAULT, Platform, apply_platform
 from components.report import report
 from components.train import train_cell
@@ -48,6 +51,7 @@ def build(platform: Platform = DEFAULT):
         eval_tasks: str = "",
         episodes: int = 50,
         workers: int = 16,
+        eval_shards: int = 0,
         ablations: list = ["zero", "random", "shuffle"],
         metaworld_tasks: str = "button-press-topdown,drawer-close,window-open",
         metaworld_episodes: int = 20,
@@ -58,7 +62,8 @@ def build(platform: Platform = DEFAULT):
     ):
         """"" / 0 = the preset's value. dataset: s3:// URI, hub id (in the model cache), folder, or "metaworld"
         (expert data generated from metaworld_tasks / metaworld_episodes / image_size). run_name: "" = the
-        KFP run's name; results land in <results_uri>/<run>/."""
+        KFP run's name; results land in <results_uri>/<run>/. eval_shards: pods each cell's evaluation is split
+        into (0 = sized for the suite: MetaWorld 1, LIBERO at most 9 waves of `workers` episodes per shard)."""
         plan = plan_matrix(
             preset=preset, backbone=backbone, world_encoder=world_encoder, window=window, steps=steps,
             batch_size=batch_size, cells=cells, seeds=seeds, eval_env=eval_env, eval_suite=eval_suite,
@@ -83,12 +88,21 @@ def build(platform: Platform = DEFAULT):
             apply_platform(train, platform, "train", gpus=gpus_per_cell)
             train.set_caching_options(False).set_retry(RETRIES, backoff_duration=RETRY_BACKOFF)
 
-            evaluate = evaluate_cell(cell=cell, workdir=workdir, dataset=data.outputs["dataset"],
-                                     model=train.outputs["model"])
-            apply_platform(evaluate, platform, "evaluate")
-            evaluate.set_caching_options(False).set_retry(RETRIES, backoff_duration=RETRY_BACKOFF)
+            # evaluation fanned out: shard items carry their cell (kfp.local 2.17 hands a task in a nested loop
+            # the inner loop's item for the outer one), each shard a GPU pod resuming from its own prefix
+            shards = plan_shards(cell=cell, eval_shards=eval_shards, dataset=data.outputs["dataset"])
+            apply_platform(shards, platform, "plan-shards").set_caching_options(False)
+            with dsl.ParallelFor(shards.output, name="shards") as shard:
+                evaluate = evaluate_shard(shard=shard, workdir=workdir, dataset=data.outputs["dataset"],
+                                          model=train.outputs["model"])
+                apply_platform(evaluate, platform, "evaluate")
+                evaluate.set_caching_options(False).set_retry(RETRIES, backoff_duration=RETRY_BACKOFF)
+            merge = merge_shards(cell=cell, shards=shards.output, done=dsl.Collected(evaluate.output), workdir=workdir,
+                                 model=train.outputs["model"])
+            apply_platform(merge, platform, "merge").set_caching_options(False).set_retry(
+                RETRIES, backoff_duration=RETRY_BACKOFF)
 
-        summary = report(cells=plan.output, workdir=workdir, results=dsl.Collected(evaluate.outputs["results"]))
+        summary = report(cells=plan.output, workdir=workdir, results=dsl.Collected(merge.outputs["results"]))
         apply_platform(summary, platform, "report").set_caching_options(False)
 
     return matrix

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_EXECUTORS = ("exec-cache-latents", "exec-train-cell", "exec-evaluate-cell")
-CPU_EXECUTORS = ("exec-plan-matrix", "exec-prepare-dataset", "exec-report")
+GPU_EXECUTORS = ("exec-cache-latents", "exec-train-cell", "exec-evaluate-shard")
+CPU_EXECUTORS = ("exec-plan-matrix", "exec-prepare-dataset", "exec-report", "exec-plan-shards", "exec-merge-shards")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +47,23 @@ def test_graph_loop_over_the_four_cells_collected_into_the_report(compiled):
     loop = tasks["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-matrix-Output"
     body = spec["components"][loop["componentRef"]["name"]]["dag"]
-    assert set(body["tasks"]) == {"train-cell", "evaluate-cell"}
-    assert body["tasks"]["evaluate-cell"]["dependentTasks"] == ["train-cell"]
-    # dsl.Collected: the loop's output is every iteration's evaluate-cell results, and the report reads it
-    selector = body["outputs"]["artifacts"]["pipelinechannel--evaluate-cell-results"]["artifactSelectors"]
-    assert selector == [{"outputArtifactKey": "results", "producerSubtask": "evaluate-cell"}]
+    assert set(body["tasks"]) == {"train-cell", "plan-shards", "for-loop-2", "merge-shards"}
+    # the evaluation fanned out: a nested loop over the cell's shards, then the merge collecting them
+    assert params["eval_shards"]["defaultValue"] == 0  # sized for the suite
+    shard_loop = body["tasks"]["for-loop-2"]
+    assert shard_loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-shards-Output"
+    inner = spec["components"][shard_loop["componentRef"]["name"]]["dag"]
+    assert set(inner["tasks"]) == {"evaluate-shard"}
+    assert inner["tasks"]["evaluate-shard"]["retryPolicy"]["maxRetryCount"] == 2
+    assert set(body["tasks"]["merge-shards"]["dependentTasks"]) == {"for-loop-2", "plan-shards", "train-cell"}
+    assert body["tasks"]["merge-shards"]["inputs"]["parameters"]["done"]["taskOutputParameter"]["producerTask"] == \
+        "for-loop-2"
+    # dsl.Collected: the loop's output is every iteration's merge-shards results, and the report reads it
+    selector = body["outputs"]["artifacts"]["pipelinechannel--merge-shards-results"]["artifactSelectors"]
+    assert selector == [{"outputArtifactKey": "results", "producerSubtask": "merge-shards"}]
     assert tasks["report"]["inputs"]["artifacts"]["results"]["taskOutputArtifact"]["producerTask"] == "for-loop-1"
     # retries where a lost pod resumes from the bucket; caching only where the output is a pure function
-    for name in ("train-cell", "evaluate-cell"):
+    for name in ("train-cell", "merge-shards"):
         assert body["tasks"][name]["retryPolicy"]["maxRetryCount"] == 2
         assert not body["tasks"][name]["cachingOptions"].get("enableCache")
     for name in ("prepare-dataset", "cache-latents"):
@@ -81,8 +90,8 @@ def test_gpu_microjobs_on_the_l40s_pool_cpu_microjobs_off_it(compiled):
     # the train task's GPU count is the gpus_per_cell parameter; latents and evaluate take one GPU
     assert executors["exec-train-cell"]["container"]["resources"]["accelerator"]["resourceCount"] == \
         "{{$.inputs.parameters['pipelinechannel--gpus_per_cell']}}"
-    assert executors["exec-evaluate-cell"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
-    assert float(executors["exec-evaluate-cell"]["container"]["resources"]["cpuRequest"]) >= 16  # LIBERO env workers
+    assert executors["exec-evaluate-shard"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert float(executors["exec-evaluate-shard"]["container"]["resources"]["cpuRequest"]) >= 16  # LIBERO env workers
     for name in CPU_EXECUTORS:
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
         assert "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
@@ -102,7 +111,8 @@ def test_images_follow_the_platform_and_install_nothing(compiled, tmp_path):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     kinds = {"exec-plan-matrix": "cpu", "exec-report": "cpu", "exec-prepare-dataset": "eval",
-             "exec-cache-latents": "train", "exec-train-cell": "train", "exec-evaluate-cell": "eval"}
+             "exec-cache-latents": "train", "exec-train-cell": "train", "exec-evaluate-shard": "eval",
+             "exec-plan-shards": "eval", "exec-merge-shards": "cpu"}
     for name, kind in kinds.items():
         container = executors[name]["container"]
         assert container["image"] == DEFAULT.image(kind)
