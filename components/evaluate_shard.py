@@ -10,6 +10,7 @@ from components.platform import DEFAULT
 
 @dsl.component(base_image=DEFAULT.image("eval"), install_kfp_package=False)
 def evaluate_shard(shard: dict, workdir: str, dataset: Input[Dataset], model: Input[Model]) -> dict:
-    from vla_core.experiments import eval_shards
+    from vla_core.experiments import cells, eval_shards
 
+    cells.label_job(shard)  # this pod's metrics: run and cell labels
     return eval_shards.evaluate_shard(shard, dataset.metadata["uri"], workdir)

@@ -14,6 +14,7 @@ def train_cell(cell: dict, workdir: str, gpus: int, dataset: Input[Dataset], lat
 
     from vla_core.experiments import cells
 
+    cells.label_job(cell)  # this pod's metrics: run and cell labels
     done = cells.train_cell(cell, dataset.metadata["uri"], latents.metadata["uri"], workdir, gpus=gpus or None)
     model.metadata.update({"uri": done["uri"], "cell": done["cell"]["name"], "step": done.get("step")})
     with open(model.path, "w") as f:

@@ -99,3 +99,19 @@ def test_killed_train_task_resumes_from_the_bucket(tmp_path, s3_env, data, capsy
     assert done["step"] == 30 and done["uri"] == uri and store.exists("done.json")
     steps = [json.loads(line)["step"] for line in store.get_bytes("train_log.jsonl").decode().splitlines()]
     assert steps == sorted(set(steps)), "a step was trained twice"
+
+
+def test_label_job_names_the_run_and_cell_for_the_metrics(monkeypatch):
+    """A pod's metrics carry the KFP run (the run folder's name) and the cell, unless the environment says so."""
+    from vla_core import env_names, telemetry
+    from vla_core.experiments import cells
+
+    monkeypatch.delenv(env_names.RUN_ID, raising=False)
+    monkeypatch.delenv(env_names.CELL, raising=False)
+    item = {"experiment": "E2", "head": "flow", "seed": 1.0, "settings": {}, "run": "s3://bucket/runs/matrix-7/"}
+    cells.label_job(item)
+    labels = telemetry.job_labels("train")
+    assert (labels["run"], labels["cell"]) == ("matrix-7", "E2-flow-s1")
+    monkeypatch.setenv(env_names.RUN_ID, "given")
+    cells.label_job(item)
+    assert telemetry.job_labels("train")["run"] == "given"

@@ -38,6 +38,7 @@ from vla_core.experiments.matrix import (
     eval_plan,
     rollout_memories,
 )
+from vla_core import env_names
 from vla_core.utils import WmvlaError, atomic_write_json, from_dict, to_jsonable
 
 DEFAULT_CELLS = ("E0-mse", "E2-mse", "E0-flow", "E2-flow")
@@ -236,6 +237,15 @@ def _unpack(item: dict) -> tuple[dict, dict, str]:
     """A loop item -> (cell, settings, run URI); KFP hands dicts over with every number a double."""
     item = _integral(dict(item))
     return cell_spec(f"{item['experiment']}-{item['head']}", item["seed"]), item["settings"], item["run"]
+
+
+def label_job(item: dict) -> None:
+    """Label this process's metrics with the loop item's run (its folder name under the results URI, i.e. the
+    KFP run) and cell, unless the environment already says otherwise (vla_core.telemetry reads them). Called
+    by the per-pod components, once per process: it sets process-wide environment variables."""
+    cell, _, run = _unpack(item)
+    os.environ.setdefault(env_names.RUN_ID, run.rstrip("/").rsplit("/", 1)[-1])
+    os.environ.setdefault(env_names.CELL, f"{cell['experiment']}-{cell['head']}-s{cell['seed']}")
 
 
 def cell_train_config(settings: dict, cell: dict, dataset: str, latents: str, out_root: Path):
