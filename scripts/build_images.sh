@@ -5,8 +5,8 @@
 #   bash scripts/build_images.sh --local-base            the local check (root, Debian): builds a Debian
 #        bookworm base with debootstrap from this machine's apt mirror, imports it with buildah, builds the
 #        cpu and eval images FROM it (torch: this machine's CPU wheel), then runs `wmvla --help` in both and
-#        MetaWorld renders through EGL (Mesa, software) in both and a LIBERO render in eval. ~22 min
-#        on 2 cores (docs/benchmarks.md). Free the disk afterwards: buildah --storage-driver vfs rmi --all
+#        MetaWorld renders through EGL (Mesa, software) in both and a LIBERO render in eval. ~32 min
+#        on 2 cores (vfs; peak ~40 GB disk) (docs/benchmarks.md). Free the disk afterwards: buildah --storage-driver vfs rmi --all
 #   bash scripts/build_images.sh --registry R --tag T [--kinds "cpu train eval"] [--push]
 #        builds FROM the Dockerfile's default BASE_IMAGE (pulled from a registry) and optionally pushes.
 #
