@@ -10,9 +10,10 @@ PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 # 1. Offscreen GL for MuJoCo: OSMesa and Mesa's EGL (software rendering works with either); Prometheus and
-#    its Pushgateway, which the metrics tests start on loopback (not as services).
+#    its Pushgateway, which the metrics tests start on loopback (not as services); shellcheck, which the
+#    image tests run on the build script and the CI workflow's run: blocks.
 need_deb=()
-for p in libosmesa6 libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libglu1-mesa prometheus prometheus-pushgateway; do
+for p in libosmesa6 libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libglu1-mesa prometheus prometheus-pushgateway shellcheck; do
   dpkg -s "$p" >/dev/null 2>&1 || need_deb+=("$p")
 done
 if [ ${#need_deb[@]} -gt 0 ]; then

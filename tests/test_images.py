@@ -316,9 +316,9 @@ def test_image_names_come_from_components_platform():
 def test_build_script_shellcheck_and_usage():
     r = subprocess.run(["bash", str(BUILD_SCRIPT), "--bogus"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown option '--bogus'" in r.stderr
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", "-S", "warning", str(BUILD_SCRIPT)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout
+    assert shutil.which("shellcheck"), "shellcheck is not installed: scripts/setup.sh installs it (apt-get install shellcheck)"
+    r = subprocess.run(["shellcheck", "-S", "warning", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 # ---------------------------------------------------------------------------------------- workflow
@@ -352,8 +352,7 @@ def test_workflow_builds_every_kind_tags_with_the_commit_compiles_and_submits():
 
 
 def test_workflow_run_blocks_pass_shellcheck(tmp_path):
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
+    assert shutil.which("shellcheck"), "shellcheck is not installed: scripts/setup.sh installs it (apt-get install shellcheck)"
     wf = yaml.safe_load(WORKFLOW.read_text())
     n = 0
     for job_name, job in wf["jobs"].items():
