@@ -103,6 +103,7 @@ MODULE_COMMANDS = {
     "envs/generate.py": ("data generate",),
     "envs/registry.py": ("eval",),
     "eval/": ("eval",),
+    "experiments/eval_shards.py": ("eval",),  # a shard is `wmvla eval --num-shards N --shard-index I`
     "experiments/demo.py": ("demo",),
     "experiments/matrix.py": ("matrix", "train"),  # (its help points at `wmvla train --preset NAME --help`)
     "experiments/report.py": ("report",),

@@ -98,6 +98,8 @@ def test_condition_label_is_bounded():
 def test_job_metrics_and_storage_bytes_carry_the_job_labels():
     job = telemetry.start_job("train", cell="E2-mse-s0")
     labels = dict(job.labels)
+    # counters are cumulative per process: an earlier test's job with the same labels may have counted bytes
+    bytes_before = value("wmvla_storage_bytes_total", **labels, direction="up") or 0
     job.train_planned(100)
     job.train_record({"step": 10, "loss": 0.5, "action_loss": 0.4, "world_loss": 0.1, "gate": 0.02, "lr": 1e-4,
                       "grad_norm": 1.5, "samples_per_s": 64.0, "epoch": 0.1}, gpu_memory_bytes=2**30)
@@ -108,7 +110,7 @@ def test_job_metrics_and_storage_bytes_carry_the_job_labels():
     assert value("wmvla_train_loss", **labels) == 0.5 and value("wmvla_train_gate", **labels) == 0.02
     assert value("wmvla_train_learning_rate", **labels) == 1e-4
     assert value("wmvla_train_gpu_memory_bytes", **labels) == 2**30
-    assert value("wmvla_storage_bytes_total", **labels, direction="up") == 1024
+    assert value("wmvla_storage_bytes_total", **labels, direction="up") - bytes_before == 1024
     # with no job open, bytes are counted under the environment's labels with microjob "storage"
     telemetry.count_bytes("down", 5)
     assert value("wmvla_storage_bytes_total", **telemetry.job_labels("storage"), direction="down") >= 5
