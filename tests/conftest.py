@@ -43,3 +43,12 @@ def s3_server(tmp_path_factory):
 
     with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The session's SeaweedFS in this process's environment (AWS_* variables, as a pod gets them), so the
+    process and its kfp.local task subprocesses talk to it; restored after the test."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -35,15 +34,6 @@ def test_auto_sizing_and_refusals():
         plan_shards(item, 5, "metaworld")
     with pytest.raises(WmvlaError, match=">= 0"):
         plan_shards(item, -1, "metaworld")
-
-
-@pytest.fixture
-def s3_env(s3_server):
-    saved = {k: os.environ.get(k) for k in s3_server.env()}
-    os.environ.update(s3_server.env())
-    yield s3_server
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _pipeline():

@@ -11,19 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-
-
-@pytest.fixture
-def s3_env(s3_server):
-    """This process and its kfp.local task subprocesses talk to the session's SeaweedFS."""
-    saved = {k: os.environ.get(k) for k in s3_server.env()}
-    os.environ.update(s3_server.env())
-    yield s3_server
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_local_pipeline_end_to_end(tmp_path, s3_env):

@@ -30,11 +30,21 @@ class WmvlaError(Exception):
 # ----------------------------------------------------------------------------------------- atomic IO
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: done once, at import, before any thread runs
+    os.umask(umask)  # (per call, two threads could each see the other's 0 and leave the process at umask 0)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed onto `path` atomically.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was. `fsync=False` skips flushing
+    to disk before the rename (a cache that can be fetched again: the rename still makes it all-or-nothing).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,13 +52,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; results are meant to be shared, so use the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from vla_core import env_names
 from vla_core.telemetry import count_bytes
-from vla_core.utils import WmvlaError
+from vla_core.utils import WmvlaError, atomic_path
 
 SHA256_META = "sha256"  # user-metadata key (x-amz-meta-sha256)
 MiB = 1024 * 1024
@@ -51,24 +50,6 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 4 * MiB) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _temp_next_to(path: Path) -> str:
-    """A temp file beside `path` (same filesystem: the rename is atomic) with the usual umask-based mode
-    (mkstemp's 0600 would leave pulled results readable by their owner only)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    return tmp
-
-
-def _read_umask() -> int:
-    umask = os.umask(0)  # reading the umask means setting it: done once, at import, before any thread runs
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
 
 
 def _copy_hashing(src: str | os.PathLike, dst: str | os.PathLike) -> str:
@@ -190,15 +171,8 @@ class LocalStore(Store):
 
     def put_file(self, local_path, key, sha256=None):
         dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_next_to(dst)
-        try:
+        with atomic_path(dst, suffix=".part", fsync=False) as tmp:
             digest = _copy_hashing(local_path, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         _count_bytes("up", dst.stat().st_size)
         return digest
 
@@ -207,15 +181,8 @@ class LocalStore(Store):
         if not src.is_file():
             raise StorageError(f"{self.describe(key)}: no such object")
         local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_next_to(local_path)
-        try:
+        with atomic_path(local_path, suffix=".part", fsync=False) as tmp:
             digest = _copy_hashing(src, tmp)
-            os.replace(tmp, local_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         _count_bytes("down", local_path.stat().st_size)
         return digest
 
@@ -405,21 +372,14 @@ class S3Store(Store):
 
     def get_file(self, key, local_path):
         local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_next_to(local_path)
-        try:
+        with atomic_path(local_path, suffix=".part", fsync=False) as tmp:
             # download_file writes the concurrently fetched ranges in place; hashing afterwards (from the page
             # cache) was clearly faster in our trials than hashing through an in-order writer (non-seekable
             # download_fileobj funnels every range through one ordered queue)
             with self._errors("download", key):
-                self.client.download_file(self.bucket, self._key(key), tmp,
+                self.client.download_file(self.bucket, self._key(key), str(tmp),
                                           Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
             digest = sha256_file(tmp)
-            os.replace(tmp, local_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         _count_bytes("down", local_path.stat().st_size)
         return digest
 
