@@ -91,31 +91,38 @@ def test_atomic_files_get_umask_permissions(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
 
 
-def test_cli_config_print_and_reload_round_trip(tmp_path, capsys):
-    """--print-config yaml|json shows the resolved config; --config FILE reloads it; flags still override."""
+def test_cli_config_print_and_reload_round_trip(tmp_path):
+    """--print-config yaml|json shows the resolved config; --config FILE reloads it; flags still override.
+
+    Each call is a fresh `python -m vla_core.cli` process, as a user runs it: stdout must hold the config and
+    nothing else (in one long pytest process, output of other tests' leftover threads could land in it)."""
     import json
+    import subprocess
+    import sys
 
-    from vla_core.cli import main
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vla_core.cli", "train", *args], capture_output=True,
+                              text=True, timeout=300)
 
-    assert main(["train", "--preset", "tiny", "--seed", "5", "--print-config", "yaml"]) == 0
-    yaml_text = capsys.readouterr().out
-    (tmp_path / "run.yaml").write_text(yaml_text)
-    assert main(["train", "--preset", "tiny", "--seed", "5", "--print-config", "json"]) == 0
-    reference = json.loads(capsys.readouterr().out)
+    out = cli("--preset", "tiny", "--seed", "5", "--print-config", "yaml")
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "run.yaml").write_text(out.stdout)
+    out = cli("--preset", "tiny", "--seed", "5", "--print-config", "json")
+    reference = json.loads(out.stdout)
     assert reference["seed"] == 5 and reference["policy"]["backbone"] == "tiny"
 
-    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--print-config=json"]) == 0
-    assert json.loads(capsys.readouterr().out) == reference
+    out = cli("--config", str(tmp_path / "run.yaml"), "--print-config=json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == reference
     (tmp_path / "run.json").write_text(json.dumps(reference))
-    assert main(["train", "--config", str(tmp_path / "run.json"), "--seed", "9", "--print-config", "json"]) == 0
+    out = cli("--config", str(tmp_path / "run.json"), "--seed", "9", "--print-config", "json")
     # --seed also re-seeds the new modules' init (policy.init_seed follows the run seed)
-    assert json.loads(capsys.readouterr().out) == {**reference, "seed": 9,
-                                                   "policy": {**reference["policy"], "init_seed": 9}}
+    assert json.loads(out.stdout) == {**reference, "seed": 9, "policy": {**reference["policy"], "init_seed": 9}}
 
     bad = dict(reference, no_such_field=1)
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
-    assert "no_such_field" in capsys.readouterr().err
-    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "no such file" in capsys.readouterr().err
-    assert main(["train", "--preset", "tiny", "--config", str(tmp_path / "run.json")]) == 2
+    out = cli("--config", str(tmp_path / "bad.json"))
+    assert out.returncode == 2 and "no_such_field" in out.stderr
+    out = cli("--config", str(tmp_path / "missing.yaml"))
+    assert out.returncode == 2 and "no such file" in out.stderr
+    assert cli("--preset", "tiny", "--config", str(tmp_path / "run.json")).returncode == 2
