@@ -28,7 +28,9 @@ from vla_core import env_names, telemetry
 from vla_core.telemetry import exposure
 from vla_core.utils import read_jsonl
 
-from test_telemetry import METRIC_ENV, dashboard_exprs, free_port, telemetry_warnings, tiny_train_cfg
+# clean_metrics_env: the same autouse fixture as test_telemetry.py's (imported, so pytest applies it here too)
+from test_telemetry import (clean_metrics_env, dashboard_exprs, free_port, telemetry_warnings,  # noqa: F401
+                            tiny_train_cfg)
 
 DEADLINE_S = 40.0
 
@@ -102,14 +104,6 @@ def servers(tmp_path_factory):
     stop_server(prom)
     stop_server(pg)
 
-
-@pytest.fixture(autouse=True)
-def clean_metrics_env(monkeypatch):
-    for name in METRIC_ENV:
-        monkeypatch.delenv(name, raising=False)
-    telemetry.reset_warnings()
-    yield
-    telemetry.shutdown()
 
 
 def prom_query(prom_url: str, expr: str) -> list[dict]:
