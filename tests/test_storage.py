@@ -40,10 +40,9 @@ def bucket(s3_server):
 
 
 @pytest.fixture
-def s3(s3_server, bucket, monkeypatch):
-    """The server's credentials in the environment (as a pod gets them) and a fresh prefix for this test."""
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
+def s3(s3_env, bucket, monkeypatch):
+    """The server's credentials in the environment (conftest's s3_env, as a pod gets them) and a fresh prefix
+    for this test."""
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     return f"{bucket}/{uuid.uuid4().hex[:8]}"
 

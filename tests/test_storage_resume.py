@@ -29,9 +29,8 @@ def bucket(s3_server):
 
 
 @pytest.fixture
-def s3(s3_server, bucket, monkeypatch):
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
+def s3(s3_env, bucket):
+    """conftest's s3_env (the server's credentials in the environment) and a fresh prefix for this test."""
     return f"{bucket}/{uuid.uuid4().hex[:8]}"
 
 
