@@ -62,6 +62,13 @@ class Platform:
     gpu_resource: str = "nvidia.com/gpu"
     gpu_toleration_key: str = "nvidia.com/gpu"
 
+    # image pull secrets of the namespace (chart: images.pullSecrets), compiled into every task: a run submitted
+    # with another service account than the chart's (which carries them too) still pulls from a private registry
+    image_pull_secrets: tuple[str, ...] = ()
+    # no GPU pool (CI on kind, scripts/kind_smoke.sh): GPU microjobs get no accelerator, selector or toleration,
+    # and every microjob asks for CPU_ONLY_RESOURCES (a CI runner has a few cores, not a GPU node's)
+    cpu_only: bool = False
+
     # env names the pods get (defined in vla_core; listed here so the chart test can check its keys)
     secret_env: tuple[str, ...] = (env_names.AWS_ACCESS_KEY_ID, env_names.AWS_SECRET_ACCESS_KEY)
     hf_env: str = env_names.HF_TOKEN
@@ -93,6 +100,11 @@ class Platform:
         hf_source = _chart_value(values, "huggingface.token.source", str)
         if hf_source == "none":
             changes["hf_secret"] = ""
+        pull = _chart_value(values, "images.pullSecrets", list)
+        if pull is not None:
+            if not all(isinstance(name, str) and name for name in pull):
+                raise ValueError(f"chart values: images.pullSecrets should be a list of secret names, found {pull!r}")
+            changes["image_pull_secrets"] = tuple(pull)
         return cls(**changes)
 
 
@@ -165,16 +177,24 @@ MICROJOBS: dict[str, Microjob] = {
     "plan-shards": Microjob("eval", Resources(cpu="500m", memory="2Gi")),
     "merge": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
 }
+# what every microjob asks for when compiled with Platform.cpu_only (tiny preset on a CI runner's kind node)
+CPU_ONLY_RESOURCES = Resources(cpu="100m", memory="3Gi", shm="1Gi")
 
 
 def apply_platform(task, platform: Platform, microjob: str, gpus=None):
     """Image, pool, resources, secrets, volumes and labels of one pipeline task (kfp-kubernetes). `gpus`
-    overrides the microjob's GPU count (an int or a pipeline parameter). Returns the task."""
+    overrides the microjob's GPU count: an int, or a STRING pipeline parameter (the KFP driver reads a resource
+    placeholder with GetStringValue(): a number parameter would give "" and no GPU limit; pipelines/conformance.py
+    checks it). Returns the task."""
     from kfp import kubernetes  # lazily: this module is also read before kfp is installed (image builds)
 
     job = MICROJOBS[microjob]
     r = job.resources
+    if platform.cpu_only:
+        r = dataclasses.replace(CPU_ONLY_RESOURCES, shm=CPU_ONLY_RESOURCES.shm if r.shm else "")
     task.set_container_image(platform.image(job.image))
+    if platform.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(platform.image_pull_secrets))
     task.set_cpu_request(r.cpu).set_memory_request(r.memory).set_memory_limit(r.memory)
     task.set_env_variable(env_names.MICROJOB, microjob)
     kubernetes.add_pod_label(task, platform.part_of_label, platform.part_of_value)
@@ -191,7 +211,10 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
         env_names.PUSHGATEWAY_URL: env_names.PUSHGATEWAY_URL, env_names.METRICS_PORT: env_names.METRICS_PORT})
     if r.shm:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=r.shm)
-    if r.gpus:
+    if r.gpus:  # (never under cpu_only: CPU_ONLY_RESOURCES has none)
+        if gpus is not None and not isinstance(gpus, int) and getattr(gpus, "channel_type", "String") != "String":
+            raise TypeError(f"apply_platform({microjob!r}): the GPU count parameter must be a str pipeline parameter "
+                            f"(the KFP driver resolves resource placeholders as strings), found {gpus.channel_type}")
         task.set_accelerator_type(platform.gpu_resource).set_accelerator_limit(gpus if gpus is not None else r.gpus)
         kubernetes.add_node_selector(task, platform.gpu_node_label, platform.gpu_node_value)
         kubernetes.add_toleration(task, key=platform.gpu_toleration_key, operator="Exists", effect="NoSchedule")

@@ -87,9 +87,16 @@ def test_gpu_microjobs_on_the_l40s_pool_cpu_microjobs_off_it(compiled):
         secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in k8s[name]["secretAsEnv"]}
         assert secrets == {DEFAULT.store_secret: {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
                            DEFAULT.hf_secret: {"HF_TOKEN"}}, name
-    # the train task's GPU count is the gpus_per_cell parameter; latents and evaluate take one GPU
+    # the train task's GPU count is the gpus_per_cell parameter, a STRING all the way to the pod (the driver
+    # reads a resource placeholder with GetStringValue(): an integer parameter would set no GPU limit at all)
     assert executors["exec-train-cell"]["container"]["resources"]["accelerator"]["resourceCount"] == \
         "{{$.inputs.parameters['pipelinechannel--gpus_per_cell']}}"
+    gpus = spec["root"]["inputDefinitions"]["parameters"]["gpus_per_cell"]
+    assert (gpus["defaultValue"], gpus["parameterType"]) == ("1", "STRING")
+    loop = spec["components"]["comp-for-loop-1"]
+    assert loop["inputDefinitions"]["parameters"]["pipelinechannel--gpus_per_cell"]["parameterType"] == "STRING"
+    assert loop["dag"]["tasks"]["train-cell"]["inputs"]["parameters"]["pipelinechannel--gpus_per_cell"] == \
+        {"componentInputParameter": "pipelinechannel--gpus_per_cell"}
     assert executors["exec-evaluate-shard"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     assert float(executors["exec-evaluate-shard"]["container"]["resources"]["cpuRequest"]) >= 16  # LIBERO env workers
     for name in CPU_EXECUTORS:
@@ -174,3 +181,107 @@ def test_plan_cells_and_settings():
         cells.matrix_settings("nope")
     assert cells.torchrun_command(Path("c.json"), 4)[1:5] == ["-m", "torch.distributed.run", "--standalone",
                                                              "--nproc_per_node=4"]
+
+
+def test_loop_items_are_typed_struct(compiled):
+    """plan_matrix and plan_shards return List[dict], so both loops' items are STRUCT, as train_cell, plan_shards,
+    merge_shards and evaluate_shard declare (a bare `list` gave STRING items the backend's driver refuses)."""
+    spec, _ = compiled
+    comps = spec["components"]
+    assert comps["comp-plan-matrix"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "LIST"
+    assert comps["comp-plan-shards"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "LIST"
+    for loop, item in (("comp-for-loop-1", "pipelinechannel--plan-matrix-Output-loop-item"),
+                       ("comp-for-loop-2", "pipelinechannel--plan-shards-Output-loop-item")):
+        assert comps[loop]["inputDefinitions"]["parameters"][item]["parameterType"] == "STRUCT"
+    for comp, name in (("comp-train-cell", "cell"), ("comp-plan-shards", "cell"), ("comp-merge-shards", "cell"),
+                       ("comp-evaluate-shard", "shard")):
+        assert comps[comp]["inputDefinitions"]["parameters"][name]["parameterType"] == "STRUCT"
+
+
+def test_retries_outlast_a_long_training(compiled):
+    """Argo counts backoff_max_duration from the first attempt and makes it every retry pod's deadline: it must
+    cover the longest training's attempts (kfp's default, 3600 s, would never retry a training longer than 1 h)."""
+    from pipelines.matrix import RETRIES
+
+    spec, _ = compiled
+    body = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    inner = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
+    for task in (body["train-cell"], body["merge-shards"], inner["evaluate-shard"]):
+        policy = task["retryPolicy"]
+        assert policy["maxRetryCount"] == RETRIES
+        # libero-2b: up to ~18.3 h per attempt on one L40S (docs/pipeline.md); every attempt must fit
+        assert int(policy["backoffMaxDuration"].rstrip("s")) >= (RETRIES + 1) * 18.3 * 3600
+
+
+def test_results_location_follows_the_install(compiled, monkeypatch):
+    """results_uri "" = the install's WMVLA_RESULTS_URI (the chart's ConfigMap, in every pod, plan included);
+    neither set: a clear error from the plan step, which every other task waits for."""
+    from vla_core import env_names
+    from vla_core.experiments import cells
+    from vla_core.utils import WmvlaError
+
+    spec, k8s = compiled
+    assert spec["root"]["inputDefinitions"]["parameters"]["results_uri"]["defaultValue"] == ""
+    keys = {e["envVar"] for m in k8s["exec-plan-matrix"]["configMapAsEnv"] for e in m["keyToEnv"]}
+    assert env_names.RESULTS_URI in keys
+    # nothing starts before the plan: the dataset task waits for it, the rest wait for the dataset
+    assert "plan-matrix" in spec["root"]["dag"]["tasks"]["prepare-dataset"]["dependentTasks"]
+
+    monkeypatch.setenv(env_names.RESULTS_URI, "s3://install-bucket/wmvla/results/")
+    assert cells.run_uri("", "r1") == "s3://install-bucket/wmvla/results/r1"
+    assert cells.run_uri("s3://given/x", "r1") == "s3://given/x/r1"
+    monkeypatch.delenv(env_names.RESULTS_URI)
+    with pytest.raises(WmvlaError, match="results_uri=s3://bucket/prefix.*WMVLA_RESULTS_URI"):
+        cells.run_uri("", "r1")
+    with pytest.raises(WmvlaError, match="WMVLA_RESULTS_URI"):
+        cells.prepare_dataset("metaworld", "", "/tmp/unused", tasks="drawer-close", episodes=1, image_size=64)
+
+
+def test_plan_refuses_bad_gpu_counts_and_run_names():
+    from vla_core.experiments import cells
+    from vla_core.utils import WmvlaError
+
+    assert cells.gpu_count("4") == 4 and cells.gpu_count(" 1 ") == 1 and cells.gpu_count("0") == 0
+    for bad in ("two", "1.5", "-1", "", True):
+        with pytest.raises(WmvlaError, match="gpus_per_cell"):
+            cells.gpu_count(bad)
+    # the KFP run's display name becomes one clean path segment; an explicit run_name must already be one
+    assert cells.run_prefix("", "wmvla matrix 2026-12-04 10:00:01") == "wmvla-matrix-2026-12-04-10-00-01"
+    assert cells.run_prefix("", "a/b c") == "a-b-c"
+    assert cells.run_prefix("try-1", "ignored name") == "try-1"
+    with pytest.raises(WmvlaError, match="one path segment.*'my-run'"):
+        cells.run_prefix("my run", "")
+    with pytest.raises(WmvlaError, match="run_name"):
+        cells.run_prefix("", " / ")
+
+
+def test_image_pull_secrets_from_the_values_are_compiled_in(tmp_path):
+    from components.platform import Platform
+    from pipelines.cli import compile_pipeline
+
+    values = yaml.safe_load((ROOT / "charts" / "wmvla" / "examples" / "onprem-seaweedfs.yaml").read_text())
+    platform = Platform.from_chart_values(values)
+    assert platform.image_pull_secrets == ("harbor-pull",)
+    _, k8s = yaml.safe_load_all(compile_pipeline(platform, tmp_path / "m.yaml").read_text())
+    executors = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(GPU_EXECUTORS + CPU_EXECUTORS)
+    for name, cfg in executors.items():
+        assert [s["secretName"] for s in cfg["imagePullSecret"]] == ["harbor-pull"], name
+    with pytest.raises(ValueError, match="pullSecrets"):
+        Platform.from_chart_values({"images": {"pullSecrets": [""]}})
+
+
+def test_cpu_only_compile_has_no_gpu_settings(tmp_path):
+    """The CI smoke run's pipeline (scripts/kind_smoke.sh): no accelerator, GPU selector or toleration; small
+    requests a CI runner's kind node can schedule."""
+    from components.platform import CPU_ONLY_RESOURCES, DEFAULT
+    from pipelines.cli import compile_pipeline
+
+    spec, k8s = yaml.safe_load_all(compile_pipeline(DEFAULT.replace(cpu_only=True), tmp_path / "m.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in GPU_EXECUTORS + CPU_EXECUTORS:
+        res = executors[name]["container"]["resources"]
+        assert "accelerator" not in res and "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
+        assert res["resourceCpuRequest"] == CPU_ONLY_RESOURCES.cpu and res["resourceMemoryLimit"] == \
+            CPU_ONLY_RESOURCES.memory, name

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,12 +116,49 @@ def plan(settings: dict, cells: list[str], seeds: list[int], run: str) -> list[d
     return [{**c, "run": run, "settings": settings} for c in plan_cells(cells, seeds)]
 
 
+def results_location(results_uri: str) -> str:
+    """The pipeline's results root: `results_uri`, else the install's WMVLA_RESULTS_URI (the chart's ConfigMap,
+    in every pod); a clear error when neither is set (raised in the plan step, before any GPU pod)."""
+    from vla_core.storage.cli import results_uri_or_env
+
+    return results_uri_or_env(results_uri, "pass the pipeline parameter results_uri=s3://bucket/prefix, or install "
+                                           "the chart (charts/wmvla: its ConfigMap sets it in every pod)")
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def run_prefix(run_name: str, job_name: str = "") -> str:
+    """The run's folder name under the results root. An explicit run_name must already be one clean path
+    segment (it is also how a run is resumed: the same name finds the same folder); the KFP run's name (a
+    display name: spaces, colons, slashes) is made one: other characters become '-'."""
+    if run_name:
+        if not _SEGMENT.fullmatch(run_name):
+            raise WmvlaError(f"run_name {run_name!r}: expected one path segment of letters, digits, '.', '_' and '-' "
+                             f"(it becomes <results_uri>/<run>), e.g. {re.sub(r'[^A-Za-z0-9._-]+', '-', run_name)!r}")
+        return run_name
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", job_name).strip("-._")
+    if not clean:
+        raise WmvlaError(f"the KFP run's name {job_name!r} gives no usable folder name; pass run_name=...")
+    return clean
+
+
 def run_uri(results_uri: str, run_name: str) -> str:
-    if not results_uri or not run_name:
-        raise WmvlaError(f"need a results URI and a run name, got results_uri={results_uri!r}, run={run_name!r}")
+    if not run_name:
+        raise WmvlaError(f"need a run name, got run={run_name!r}")
     if "/" in run_name.strip("/"):
         raise WmvlaError(f"run name {run_name!r}: expected one path segment (it becomes <results_uri>/<run>)")
-    return f"{results_uri.rstrip('/')}/{run_name.strip('/')}"
+    return f"{results_location(results_uri)}/{run_name.strip('/')}"
+
+
+def gpu_count(value) -> int:
+    """The pipeline's gpus_per_cell: a whole number >= 0, given as text (the KFP driver sets a pod's GPU limit
+    only from a string parameter) or as a number."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise WmvlaError(f"gpus_per_cell {value!r}: expected a whole number of GPUs per training pod, e.g. \"1\" or "
+                         f"\"4\"")
+    return int(text)
 
 
 def _key(*parts) -> str:
@@ -157,7 +195,7 @@ def prepare_dataset(source: str, results_uri: str, workdir: str, *, tasks: str, 
     gen = GenerateConfig(env="metaworld", out=Path("."), tasks=tasks, episodes=episodes, image_size=image_size,
                          workers=workers, render_backend=render_backend)
     key = _key({k: v for k, v in to_jsonable(gen).items() if k not in ("out", "workers")})
-    uri = f"{results_uri.rstrip('/')}/cache/dataset-metaworld-{key}"
+    uri = f"{results_location(results_uri)}/cache/dataset-metaworld-{key}"
     store = open_store(uri)
     if store.exists("_manifest.json"):
         print(f"dataset: {uri} exists (same generation settings); reusing it", flush=True)
@@ -197,7 +235,7 @@ def cache_latents(preset: str, world_encoder: str, window: int, dataset_uri: str
 
     spec = latents_spec(preset, world_encoder, window)
     name = cache_filename(spec)
-    uri = f"{results_uri.rstrip('/')}/cache/latents-{_key(dataset_uri, spec)}"
+    uri = f"{results_location(results_uri)}/cache/latents-{_key(dataset_uri, spec)}"
     store = open_store(uri)
     if store.exists(meta_path(Path(name)).name):
         print(f"latents: {uri}/{name} exists; reusing it", flush=True)
@@ -364,9 +402,10 @@ def evaluate_cell(item: dict, dataset_uri: str, workdir: str) -> dict:
 # ----------------------------------------------------------------------------------------- report
 
 
-def report(items: list[dict], workdir: str) -> tuple[str, Path, dict]:
+def report(items: list[dict], workdir: str, kfp_run: str = "", kfp_run_id: str = "") -> tuple[str, Path, dict]:
     """Pull what the report reads (logs and evaluations, no checkpoints) from the run's prefix, write the
-    report, publish the run (manifest last). Returns (run URI, local run folder, the report's summary)."""
+    report, publish the run (manifest last). The report names the run by its URI and the KFP run (`kfp_run`
+    name, `kfp_run_id`), not by the pod's local copy. Returns (run URI, local run folder, the report's summary)."""
     from vla_core.experiments.report import ReportConfig, run_report
     from vla_core.storage import open_store, publish_run, sync_down
 
@@ -390,7 +429,8 @@ def report(items: list[dict], workdir: str) -> tuple[str, Path, dict]:
             and o.key.endswith("/summary.json") for o in objects)]
         if missing:
             raise WmvlaError(f"{run}: no results for cells {missing}")
-    run_report(ReportConfig(run_root=local, print_table=False))
+    kfp = f"{kfp_run} ({kfp_run_id})" if kfp_run and kfp_run_id and kfp_run_id != kfp_run else kfp_run or kfp_run_id
+    run_report(ReportConfig(run_root=local, print_table=False, run_uri=run, kfp_run=kfp))
     publish_run(local, store)
     return run, local, json.loads((local / "summary.json").read_text())
 
@@ -423,7 +463,8 @@ def report_html(run_root: Path) -> str:
     body = parser.renderer.render(tokens, parser.options, {})
     style = ("body{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run_root.name)}</title>"
+    title = json.loads((run_root / "summary.json").read_text()).get("run_uri") or run_root.name
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{body}</body></html>\n")
 
 

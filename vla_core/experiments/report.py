@@ -66,6 +66,10 @@ class ReportConfig:
     """Write the PNG plots (matplotlib, Agg backend)."""
     print_table: bool = True
     """Print the main table to the console."""
+    run_uri: str = ""
+    """What the report calls the run: where it is published (s3://bucket/prefix/<run>); "" = the run folder."""
+    kfp_run: str = ""
+    """The Kubeflow Pipelines run that produced it (name and id), shown under the title."""
     strict: bool = False
     """Fail (exit code 2) when a comparison is refused (mismatched episodes or settings) instead of
     reporting the refusal and going on."""
@@ -880,11 +884,13 @@ def _ci(b: dict) -> str:
 
 def render_markdown(run_root: Path, summary: dict, plots: dict[str, str], cfg: ReportConfig) -> str:
     conds, comps, verdict = summary["conditions"], summary["comparisons"], summary["verdict"]
-    out = [f"# wmvla report: `{run_root}`", "",
-           f"Generated {summary['generated']} from {summary['n_eval_dirs']} evaluation folders and "
-           f"{len(summary['training'])} training logs. Statistics: Wilson 95 % intervals, two-sided exact "
-           f"McNemar tests on matched episodes, alpha = {cfg.alpha}, meaningful effect = {_pts(cfg.min_effect)}, "
-           f"power = {cfg.power:.0%} (decision rules: docs/report.md).", ""]
+    out = [f"# wmvla report: `{summary.get('run_uri') or run_root}`", ""]
+    if summary.get("kfp_run"):
+        out += [f"KFP run: `{summary['kfp_run']}`", ""]
+    out += [f"Generated {summary['generated']} from {summary['n_eval_dirs']} evaluation folders and "
+            f"{len(summary['training'])} training logs. Statistics: Wilson 95 % intervals, two-sided exact "
+            f"McNemar tests on matched episodes, alpha = {cfg.alpha}, meaningful effect = {_pts(cfg.min_effect)}, "
+            f"power = {cfg.power:.0%} (decision rules: docs/report.md).", ""]
 
     out += ["## Verdict", "", f"**{verdict['overall']}**", "", verdict["sentence"], ""]
     for head, v in verdict["per_head"].items():
@@ -1079,6 +1085,8 @@ def build_report(cfg: ReportConfig) -> dict:
 
     summary = {
         "run_root": str(run_root),
+        "run_uri": cfg.run_uri or str(run_root),
+        "kfp_run": cfg.kfp_run,
         "generated": _dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {"alpha": cfg.alpha, "min_effect": cfg.min_effect, "power": cfg.power},
         "n_eval_dirs": len(runs),

@@ -23,10 +23,12 @@ from vla_core import env_names
 from vla_core.utils import WmvlaError
 
 
-def _results_uri(uri: str | None) -> str:
+def results_uri_or_env(uri: str | None, how: str = "pass one (s3://bucket/prefix or a folder)") -> str:
+    """`uri`, else $WMVLA_RESULTS_URI (the chart's ConfigMap sets it in every pipeline pod); a clear error when
+    neither is set (`how` says how to give one)."""
     uri = uri or os.environ.get(env_names.RESULTS_URI)
     if not uri:
-        raise WmvlaError(f"no results URI: pass one (s3://bucket/prefix or a folder) or set {env_names.RESULTS_URI}")
+        raise WmvlaError(f"no results URI: {how} or set {env_names.RESULTS_URI}")
     return uri.rstrip("/")
 
 
@@ -61,7 +63,7 @@ def run_push(cfg: ResultsPushConfig) -> int:
     name = cfg.name or Path(cfg.dir).resolve().name
     if "/" in name or name in ("", ".", ".."):
         raise WmvlaError(f"--name {name!r}: expected one folder name without '/'")
-    target = open_store(_results_uri(cfg.uri)).child(name)
+    target = open_store(results_uri_or_env(cfg.uri)).child(name)
     print(f"results: publishing {cfg.dir} -> {target.uri}", flush=True)
     uri = publish_run(cfg.dir, target)
     print(f"results: published {uri} (manifest written last)")
@@ -81,7 +83,7 @@ class ResultsListConfig:
 def run_list(cfg: ResultsListConfig) -> int:
     from vla_core.storage.runs import list_runs
 
-    uri = _results_uri(cfg.uri)
+    uri = results_uri_or_env(cfg.uri)
     runs = list_runs(uri)
     if cfg.json:
         import json
