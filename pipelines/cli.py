@@ -1,19 +1,24 @@
-"""`wmvla pipeline compile | run | submit`: the matrix pipeline compiled, run locally, or sent to a cluster.
+"""`wmvla pipeline compile | check | run | submit`: the matrix pipeline compiled, checked, run locally, or sent to a
+cluster.
 
     wmvla pipeline compile                                  # -> pipelines/matrix.yaml (committed)
     wmvla pipeline compile --registry registry.example.com/wmvla --tag 1a2b3c --out matrix.yaml
-    wmvla pipeline compile --values my-values.yaml          # match the chart install (pool label, names)
+    wmvla pipeline compile --values my-values.yaml          # match the chart install (pool label, names, pull secrets)
     wmvla pipeline compile --check                          # exit 1 if pipelines/matrix.yaml is stale
+    wmvla pipeline check matrix.yaml                        # the KFP backend's rules (pipelines/conformance.py)
     wmvla pipeline run --local dataset=metaworld preset=tiny results_uri=/tmp/results run_name=try1
-    wmvla pipeline submit --endpoint https://kfp.example.com dataset=s3://data/libero results_uri=s3://wmvla/runs
+    wmvla pipeline submit --endpoint https://kfp.example.com --values my-values.yaml --namespace my-profile \
+        dataset=s3://data/libero results_uri=s3://wmvla/runs
+    wmvla pipeline submit --endpoint URL --smoke            # the CI smoke run (tiny, MetaWorld, one cell)
 
-Pipeline arguments are KEY=VALUE (the parameters of pipelines/matrix.py; VALUE is read as YAML, so
-`seeds=[0,1,2]`, `steps=2000`, `cells=[E0-mse,E2-mse]`). `--list-params` prints them with defaults.
+Pipeline arguments are KEY=VALUE (the parameters of the compiled pipeline; VALUE is read as YAML, so
+`seeds=[0,1,2]`, `steps=2000`, `cells=[E0-mse,E2-mse]`) and are checked against the parameter types of the
+compiled file before anything runs. `--list-params` prints them with defaults. Every local run and every
+submission runs the compiled YAML (the file users upload) after the backend-rules check, which it refuses.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -30,17 +35,44 @@ COMPILED = ROOT / "matrix.yaml"
 Args = Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="KEY=VALUE")]
 
 
-def pipeline_parameters() -> dict:
-    """name -> default of the pipeline's parameters (read from pipelines/matrix.py's signature)."""
-    from pipelines.matrix import matrix
+# The CI smoke run (.github/workflows/images-and-pipeline.yml on push, scripts/kind_smoke.sh): tiny preset,
+# generated MetaWorld data, one cell, one seed, one evaluation shard; minutes on CPU. Tested through kfp.local on
+# the CPU-only compile (tests/test_kind_smoke.py).
+SMOKE_ARGUMENTS = dict(dataset="metaworld", preset="tiny", cells=["E0-mse"], seeds=[0], steps=4, batch_size=8,
+                       gpus_per_cell="0", eval_env="", eval_suite="", episodes=1, workers=1, eval_shards=1,
+                       ablations=[], metaworld_tasks="button-press-topdown", metaworld_episodes=2, image_size=64,
+                       device="cpu")
 
-    return {n: p.default for n, p in inspect.signature(matrix.pipeline_func).parameters.items()}
+_PY_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "LIST": list,
+             "STRUCT": dict}
 
 
-def parse_arguments(args: tuple[str, ...]) -> dict:
+def package_parameters(package: str | Path = COMPILED) -> dict[str, tuple[str, object]]:
+    """name -> (parameter type, default) of a compiled pipeline's parameters (its root inputDefinitions)."""
+    from pipelines.conformance import load_ir
+
+    spec, _ = load_ir(package)
+    params = (spec["root"].get("inputDefinitions") or {}).get("parameters") or {}
+    out = {}
+    for name, p in params.items():
+        kind, default = p.get("parameterType", "STRING"), p.get("defaultValue")
+        if kind == "NUMBER_INTEGER" and isinstance(default, float) and default.is_integer():
+            default = int(default)  # the IR's YAML writes integer defaults as doubles (0.0)
+        out[name] = (kind, default)
+    return out
+
+
+def pipeline_parameters(package: str | Path = COMPILED) -> dict:
+    """name -> default of the compiled pipeline's parameters."""
+    return {name: default for name, (_, default) in package_parameters(package).items()}
+
+
+def parse_arguments(args: tuple[str, ...], package: str | Path = COMPILED) -> dict:
+    """KEY=VALUE -> typed arguments of the compiled pipeline; a value of the wrong type is refused here (the
+    backend would refuse the run, or a task would fail on it after the GPU pods started)."""
     import yaml
 
-    known = pipeline_parameters()
+    known = package_parameters(package)
     out = {}
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -48,12 +80,18 @@ def parse_arguments(args: tuple[str, ...]) -> dict:
             raise WmvlaError(f"pipeline argument {arg!r}: expected KEY=VALUE, e.g. steps=2000")
         if key not in known:
             raise WmvlaError(f"pipeline argument {key!r}: unknown; the pipeline's parameters: {sorted(known)}")
+        kind = known[key][0]
         parsed = yaml.safe_load(value) if value else ""
-        default = known[key]
-        if isinstance(default, str) and not isinstance(parsed, str):
-            parsed = value  # a string parameter keeps what was typed (run_name=2024, tasks=1,2)
-        if isinstance(default, list) and not isinstance(parsed, list):
+        if kind == "STRING" and not isinstance(parsed, str):
+            parsed = value  # a string parameter keeps what was typed (run_name=2024, tasks=1,2, gpus_per_cell=2)
+        if kind == "LIST" and not isinstance(parsed, list):
             parsed = [parsed]
+        if kind == "NUMBER_DOUBLE" and isinstance(parsed, int) and not isinstance(parsed, bool):
+            parsed = float(parsed)
+        want = _PY_TYPES.get(kind)
+        if want is not None and (not isinstance(parsed, want) or (want is int and isinstance(parsed, bool))):
+            raise WmvlaError(f"pipeline argument {key}={value!r}: expected {kind.lower().replace('number_', '')}, "
+                             f"found {type(parsed).__name__}")
         out[key] = parsed
     return out
 
@@ -74,6 +112,9 @@ class CompileConfig:
     """the Helm values file the chart was installed with: names, node pool label (Platform.from_chart_values)"""
     check: bool = False
     """do not write: exit 1 if `out` differs from a fresh compile (CI / tests keep matrix.yaml current)"""
+    cpu_only: bool = False
+    """a cluster without a GPU pool (CI on kind: scripts/kind_smoke.sh): no GPU limits, selectors or tolerations,
+    small CPU / memory requests (components.platform.CPU_ONLY_RESOURCES)"""
 
 
 def platform_for(cfg: CompileConfig):
@@ -90,12 +131,16 @@ def platform_for(cfg: CompileConfig):
             raise WmvlaError(f"--values {cfg.values}: no such file; expected the chart's values YAML")
         platform = Platform.from_chart_values(yaml.safe_load(Path(cfg.values).read_text()) or {})
     changes = {k: v for k, v in (("registry", cfg.registry), ("tag", cfg.tag)) if v is not None}
+    if cfg.cpu_only:
+        changes["cpu_only"] = True
     return platform.replace(**changes) if changes else platform
 
 
 def compile_pipeline(platform, out: Path) -> Path:
+    """Compile `pipelines.matrix.build(platform)` to `out` (atomically), refusing what the KFP backend would."""
     from kfp import compiler
 
+    from pipelines.conformance import require_conformant
     from pipelines.matrix import build
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +149,7 @@ def compile_pipeline(platform, out: Path) -> Path:
         pass
     try:
         compiler.Compiler().compile(build(platform), tmp.name)
+        require_conformant(Path(tmp.name), what="pipelines/matrix.py compiled")
         os.replace(tmp.name, out)
     finally:
         if os.path.exists(tmp.name):
@@ -133,50 +179,70 @@ def run_compile(cfg: CompileConfig) -> int:
 
 
 @dataclass
+class CheckConfig:
+    """Check compiled pipelines against the open-source KFP backend's rules (pipelines/conformance.py)."""
+
+    packages: Annotated[tuple[Path, ...], tyro.conf.Positional, tyro.conf.arg(metavar="FILE.yaml")] = (COMPILED,)
+
+
+def run_check(cfg: CheckConfig) -> int:
+    from pipelines.conformance import main
+
+    return main([str(p) for p in cfg.packages])
+
+
+@dataclass
 class RunConfig:
-    """Run the matrix pipeline on this machine through kfp.local (each task a subprocess of this Python)."""
+    """Run the compiled matrix pipeline on this machine through kfp.local (each task a subprocess of this Python)."""
 
     args: Args = ()
     """pipeline arguments KEY=VALUE"""
     local: bool = True
     """run locally (the only mode of `run`; a cluster run is `wmvla pipeline submit`)"""
+    package: Path = COMPILED
+    """the compiled pipeline to run: the file a cluster gets (`wmvla pipeline compile` writes it)"""
     pipeline_root: Path = Path("kfp-local")
     """where kfp.local keeps task outputs (artifacts: small files; the heavy data is in results_uri)"""
     list_params: bool = False
     """print the pipeline's parameters with their defaults and exit"""
 
 
-def run_local(arguments: dict, pipeline_root: str | Path) -> None:
-    """The compiled graph executed by kfp.local's subprocess runner with this interpreter (the installed
-    project is importable; nothing is pip-installed). Platform settings are ignored locally."""
+def run_local(arguments: dict, pipeline_root: str | Path, package: str | Path = COMPILED) -> None:
+    """The compiled pipeline (the YAML a cluster runs, loaded with kfp.components.load_component_from_file)
+    executed by kfp.local's subprocess runner with this interpreter (the installed project is importable;
+    nothing is pip-installed). It is checked against the KFP backend's rules first and refused where the backend
+    would refuse it: kfp.local alone hands Python values between tasks and would run it. Platform settings
+    (images, pools, secrets) are ignored locally."""
     import warnings
 
-    from kfp import local
+    from kfp import components, local
 
-    from pipelines.matrix import matrix
+    from pipelines.conformance import require_conformant
 
+    require_conformant(package, what=str(package))
+    pipeline = components.load_component_from_file(str(package))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
     # kfp.local runs two loop iterations at once; each task's torch would otherwise take every core, and
     # two OpenMP pools spinning on the same cores slow both down many times over. The tasks inherit this.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     with warnings.catch_warnings():  # resource / accelerator settings do not apply to local runs
         warnings.simplefilter("ignore")
-        matrix(**arguments)
+        pipeline(**arguments)
 
 
-def _print_params() -> None:
-    for name, default in pipeline_parameters().items():
-        print(f"  {name}={default!r}")
+def _print_params(package: Path) -> None:
+    for name, (kind, default) in package_parameters(package).items():
+        print(f"  {name}={default!r}  ({kind})")
 
 
 def run_run(cfg: RunConfig) -> int:
     if cfg.list_params:
-        _print_params()
+        _print_params(cfg.package)
         return 0
     if not cfg.local:
         raise WmvlaError("`wmvla pipeline run` runs locally (--local); submit to a cluster with "
                          "`wmvla pipeline submit --endpoint URL`")
-    run_local(parse_arguments(cfg.args), cfg.pipeline_root)
+    run_local(parse_arguments(cfg.args, cfg.package), cfg.pipeline_root, cfg.package)
     return 0
 
 
@@ -185,7 +251,8 @@ def run_run(cfg: RunConfig) -> int:
 
 @dataclass
 class SubmitConfig:
-    """Submit pipelines/matrix.yaml to a Kubeflow Pipelines endpoint (kfp.Client)."""
+    """Submit the compiled pipeline to a Kubeflow Pipelines endpoint (kfp.Client), as the chart's install runs it:
+    its service account, in its namespace."""
 
     args: Args = ()
     """pipeline arguments KEY=VALUE"""
@@ -193,36 +260,68 @@ class SubmitConfig:
     """KFP API endpoint, e.g. https://kubeflow.example.com/pipeline"""
     package: Path = COMPILED
     """compiled pipeline to submit (`wmvla pipeline compile` writes it)"""
+    values: Path | None = None
+    """the Helm values file the chart was installed with: the run's service account (serviceAccount.name)"""
+    service_account: str | None = None
+    """the run's service account (default: the values file's, else the chart's default wmvla-pipeline)"""
+    namespace: str | None = None
+    """namespace the chart is installed in = where the run's pods run: a Kubeflow profile namespace on
+    multi-user installs; default $KFP_NAMESPACE; none on standalone KFP (runs go to KFP's own namespace)"""
     experiment: str = "wmvla"
     run_name: str | None = None
-    """KFP run name (default: the package name + time); also the results folder unless run_name=... is given"""
-    namespace: str | None = None
-    """Kubeflow profile namespace (multi-user installs)"""
+    """KFP run name (default: the package name + time); also the results folder (made a path segment) unless
+    run_name=... is given as a pipeline argument"""
+    smoke: bool = False
+    """the smoke run (SMOKE_ARGUMENTS: tiny preset, MetaWorld, one cell, one shard); KEY=VALUE still override"""
     token_env: str = "KFP_TOKEN"
     """environment variable holding a bearer token (if the endpoint needs one); never a flag"""
     wait: bool = False
     """wait for the run to finish"""
+    timeout_s: int = 3 * 3600
+    """with --wait: give up after this many seconds"""
 
 
-def run_submit(cfg: SubmitConfig) -> int:
-    import kfp
+def service_account_for(cfg: SubmitConfig) -> str:
+    from components.platform import DEFAULT, Platform
 
-    from components.platform import DEFAULT
+    if cfg.service_account:
+        return cfg.service_account
+    if cfg.values is not None:
+        import yaml
+
+        if not Path(cfg.values).is_file():
+            raise WmvlaError(f"--values {cfg.values}: no such file; expected the chart's values YAML")
+        return Platform.from_chart_values(yaml.safe_load(Path(cfg.values).read_text()) or {}).service_account
+    return DEFAULT.service_account
+
+
+def submission(cfg: SubmitConfig) -> tuple[dict, str, str | None]:
+    """(arguments, service account, namespace) of a submission, everything checked before the API is called:
+    the package by the backend's rules, the arguments by its parameter types."""
+    from pipelines.conformance import require_conformant
 
     if not cfg.endpoint:
         raise WmvlaError("--endpoint URL is required (the KFP API, e.g. https://kubeflow.example.com/pipeline)")
     if not Path(cfg.package).is_file():
         raise WmvlaError(f"--package {cfg.package}: no such file; run `wmvla pipeline compile` first")
-    arguments = parse_arguments(cfg.args)
-    client = kfp.Client(host=cfg.endpoint, existing_token=os.environ.get(cfg.token_env) or None,
-                        namespace=cfg.namespace)
+    require_conformant(cfg.package, what=str(cfg.package))
+    arguments = {**(SMOKE_ARGUMENTS if cfg.smoke else {}), **parse_arguments(cfg.args, cfg.package)}
+    return arguments, service_account_for(cfg), cfg.namespace or os.environ.get("KFP_NAMESPACE") or None
+
+
+def run_submit(cfg: SubmitConfig) -> int:
+    import kfp
+
+    arguments, account, namespace = submission(cfg)
+    client = kfp.Client(host=cfg.endpoint, existing_token=os.environ.get(cfg.token_env) or None, namespace=namespace)
     run = client.create_run_from_pipeline_package(
         str(cfg.package), arguments=arguments, run_name=cfg.run_name, experiment_name=cfg.experiment,
-        namespace=cfg.namespace, service_account=DEFAULT.service_account)
-    print(f"pipeline: submitted run {run.run_id} to {cfg.endpoint} (experiment {cfg.experiment})")
+        namespace=namespace, service_account=account)
+    print(f"pipeline: submitted run {run.run_id} to {cfg.endpoint} (experiment {cfg.experiment}, service account "
+          f"{account}, namespace {namespace or 'the KFP default'})")
     if cfg.wait:
-        result = run.wait_for_run_completion()
-        state = getattr(result, "state", None)
+        result = run.wait_for_run_completion(timeout=cfg.timeout_s)
+        state = str(getattr(result, "state", None)).upper()
         print(f"pipeline: run {run.run_id} finished: {state}")
-        return 0 if str(state).upper() in ("SUCCEEDED", "None") else 1
+        return 0 if state == "SUCCEEDED" else 1
     return 0

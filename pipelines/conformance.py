@@ -247,7 +247,7 @@ class _Checker:
     def check_artifact_lists(self) -> None:
         """resolve.go resolveUpstreamArtifacts: a loop DAG's artifact output is a list; its consumer must declare
         a list input (Input[List[Artifact]]), and a list input must be fed by a loop."""
-        for cname, comp in self.components.items():
+        for cname, comp in [("root", self.spec["root"]), *self.components.items()]:
             if "dag" not in comp:
                 continue
             tasks = comp["dag"].get("tasks") or {}

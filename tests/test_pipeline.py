@@ -151,15 +151,50 @@ def test_compile_from_chart_values(tmp_path):
 
 
 def test_arguments_are_checked():
+    """Arguments are typed by the compiled file's parameters: what the backend would refuse is refused here."""
     from pipelines.cli import parse_arguments
     from vla_core.utils import WmvlaError
 
-    assert parse_arguments(("seeds=[0,1]", "steps=20", "run_name=2024", "cells=E2-flow")) == {
-        "seeds": [0, 1], "steps": 20, "run_name": "2024", "cells": ["E2-flow"]}
+    assert parse_arguments(("seeds=[0,1]", "steps=20", "run_name=2024", "cells=E2-flow", "gpus_per_cell=2")) == {
+        "seeds": [0, 1], "steps": 20, "run_name": "2024", "cells": ["E2-flow"], "gpus_per_cell": "2"}
+    # the README's example: a JSON list, as the kfp CLI and the UI need it
+    assert parse_arguments(('cells=["E0-mse","E2-mse"]',)) == {"cells": ["E0-mse", "E2-mse"]}
     with pytest.raises(WmvlaError, match="unknown"):
         parse_arguments(("stepz=3",))
     with pytest.raises(WmvlaError, match="KEY=VALUE"):
         parse_arguments(("steps",))
+    with pytest.raises(WmvlaError, match="steps='many': expected integer, found str"):
+        parse_arguments(("steps=many",))
+    with pytest.raises(WmvlaError, match="expected integer, found float"):
+        parse_arguments(("episodes=2.5",))
+
+
+def test_submission_follows_the_install(tmp_path, monkeypatch):
+    """The run's service account comes from the values file the chart was installed with, the namespace from
+    --namespace or $KFP_NAMESPACE; the package is checked by the backend's rules first."""
+    from components.platform import DEFAULT
+    from pipelines.cli import SMOKE_ARGUMENTS, SubmitConfig, submission
+    from vla_core.utils import WmvlaError
+
+    values = ROOT / "charts" / "wmvla" / "examples" / "aws-s3-irsa.yaml"
+    monkeypatch.delenv("KFP_NAMESPACE", raising=False)
+    args, account, namespace = submission(SubmitConfig(endpoint="http://kfp", values=values, args=("steps=5",)))
+    assert (args, account, namespace) == ({"steps": 5}, "wmvla-runner", None)
+    monkeypatch.setenv("KFP_NAMESPACE", "ml-research")
+    assert submission(SubmitConfig(endpoint="http://kfp"))[1:] == (DEFAULT.service_account, "ml-research")
+    assert submission(SubmitConfig(endpoint="http://kfp", namespace="other", service_account="sa"))[1:] == (
+        "sa", "other")
+    smoke, _, _ = submission(SubmitConfig(endpoint="http://kfp", smoke=True, args=("run_name=ci-1",)))
+    assert smoke == {**SMOKE_ARGUMENTS, "run_name": "ci-1"}
+    bad = tmp_path / "bad.yaml"
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "matrix.yaml").read_text()))
+    docs[0]["components"]["comp-for-loop-2"]["inputDefinitions"]["parameters"][
+        "pipelinechannel--plan-shards-Output-loop-item"]["parameterType"] = "STRING"
+    bad.write_text(yaml.safe_dump_all(docs))
+    with pytest.raises(WmvlaError, match="would refuse"):
+        submission(SubmitConfig(endpoint="http://kfp", package=bad))
+    with pytest.raises(WmvlaError, match="--values"):
+        submission(SubmitConfig(endpoint="http://kfp", values=tmp_path / "missing.yaml"))
 
 
 def test_plan_cells_and_settings():

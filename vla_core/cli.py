@@ -39,8 +39,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     # the Kubeflow pipeline (pipelines/, needs the `pipeline` extra; imported only when run)
     "pipeline compile": ("pipelines.cli", "CompileConfig", "run_compile",
                          "compile the matrix pipeline to pipelines/matrix.yaml (--check: fail if stale)"),
+    "pipeline check": ("pipelines.cli", "CheckConfig", "run_check",
+                       "check compiled pipelines against the KFP backend's rules (types, loops, pod fields, versions)"),
     "pipeline run": ("pipelines.cli", "RunConfig", "run_run",
-                     "run the matrix pipeline on this machine through kfp.local (--local)"),
+                     "run the compiled matrix pipeline on this machine through kfp.local (--local)"),
     "pipeline submit": ("pipelines.cli", "SubmitConfig", "run_submit",
                         "submit pipelines/matrix.yaml to a Kubeflow Pipelines endpoint"),
     "results push": ("vla_core.storage.cli", "ResultsPushConfig", "run_push",
