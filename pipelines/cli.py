@@ -6,7 +6,8 @@ cluster.
     wmvla pipeline compile --values my-values.yaml          # match the chart install (pool label, names, pull secrets)
     wmvla pipeline compile --check                          # exit 1 if pipelines/matrix.yaml is stale
     wmvla pipeline check matrix.yaml                        # the KFP backend's rules (pipelines/conformance.py)
-    wmvla pipeline run --local dataset=metaworld preset=demo device=cpu eval_env= eval_suite= episodes=1 results_uri=/tmp/results run_name=try1
+    wmvla pipeline run --local dataset=metaworld preset=demo device=cpu eval_env= eval_suite= episodes=1 \
+        results_uri=/tmp/results run_name=try1
     wmvla pipeline submit --endpoint https://kfp.example.com --values my-values.yaml --namespace my-profile \
         dataset=s3://data/libero results_uri=s3://wmvla/runs
     wmvla pipeline submit --endpoint URL --smoke            # the CI smoke run (tiny, MetaWorld, one cell)
@@ -40,7 +41,7 @@ Args = Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="K
 # expects LIBERO's two cameras), generated MetaWorld data, one cell, one seed, one evaluation shard; minutes on
 # CPU. Run through kfp.local on the CPU-only compile by tests/test_kind_smoke.py.
 SMOKE_ARGUMENTS = dict(dataset="metaworld", preset="demo", cells=["E0-mse"], seeds=[0], steps=4, batch_size=8,
-                       gpus_per_cell="0", eval_env="", eval_suite="", episodes=1, workers=1, eval_shards=1,
+                       eval_env="", eval_suite="", episodes=1, workers=1, eval_shards=1,
                        ablations=[], metaworld_tasks="button-press-topdown", metaworld_episodes=2, image_size=64,
                        device="cpu")
 

@@ -342,9 +342,24 @@ def test_workflow_builds_every_kind_tags_with_the_commit_compiles_and_submits():
     assert jobs["pipeline"]["needs"] == "images"
     runs = "\n".join(s.get("run", "") for s in jobs["pipeline"]["steps"])
     assert re.search(r"wmvla pipeline compile", runs) and '--tag "$GITHUB_SHA"' in runs
-    submit = next(s for s in jobs["pipeline"]["steps"] if "kfp " in s.get("run", ""))
-    assert "run create" in submit["run"] and "--endpoint" in submit["run"] and "--existing-token" in submit["run"]
+    assert '--values "$WMVLA_VALUES"' in runs  # compiled for the install (names, pool, pull secrets)
+    # submitted through the SDK with the install's identity: `kfp run create` has no service-account option
+    submit = next(s for s in jobs["pipeline"]["steps"] if "wmvla pipeline submit" in s.get("run", ""))
+    assert "kfp " not in submit["run"]
+    for flag in ('--values "$WMVLA_VALUES"', '--namespace "$KFP_NAMESPACE"', "--smoke"):
+        assert flag in submit["run"], flag
     assert submit["env"]["KFP_ENDPOINT"] == "${{ secrets.KFP_ENDPOINT }}" and submit["env"]["KFP_TOKEN"] == "${{ secrets.KFP_TOKEN }}"
+    assert submit["env"]["KFP_NAMESPACE"] == "${{ vars.KFP_NAMESPACE }}"  # no `kubeflow` default: the chart's
+    # a push submits the smoke run; the full matrix only on demand, with its parameters
+    assert submit["env"]["RUN_KIND"] == "${{ inputs.run || 'smoke' }}"
+    inputs = wf[True]["workflow_dispatch"]["inputs"] if True in wf else wf["on"]["workflow_dispatch"]["inputs"]
+    assert inputs["run"]["options"] == ["matrix", "smoke"]
+    assert {"dataset", "preset", "cells", "seeds", "results_uri", "extra"} <= set(inputs)
+    import json as _json
+    assert _json.loads(inputs["cells"]["default"]) == ["E0-mse", "E2-mse", "E0-flow", "E2-flow"]
+    # the real-backend smoke job runs the script the tests dry-run
+    kind = jobs["kind-smoke"]
+    assert kind["needs"] == "images" and "bash scripts/kind_smoke.sh" in "\n".join(s.get("run", "") for s in kind["steps"])
     # secrets go through env, never into a command line that is printed
     for job in jobs.values():
         for step in job["steps"]:
