@@ -4,7 +4,8 @@
     wmvla demo --out runs/demo              # the same folder again resumes (finished cells are skipped)
     wmvla demo --store s3://bucket/prefix   # results in any S3 store (AWS_* variables) instead of the embedded one
 
-Exactly pipelines/matrix.py through kfp.local (each task a subprocess of this Python), with the offline
+Exactly the compiled pipelines/matrix.yaml (the file a cluster gets, checked by the KFP backend's rules first)
+through kfp.local (each task a subprocess of this Python), with the offline
 MetaWorld benchmark's arguments: scripted-expert data on three easy tasks (64 px), the tiny world encoder
 (random V-JEPA 2 weights, m = 4), the tiny Qwen3-VL policy (preset "demo"), the four cells E0 / E2 x
 MSE / flow, closed-loop evaluation at the evaluation seed (E2 also with zero / random / shuffled memory),
@@ -89,7 +90,7 @@ def run_demo_steps(cfg: DemoConfig) -> dict:
             results_uri = cfg.store.rstrip("/")
         else:
             results_uri = _embedded_store(stack, out / "s3")
-        print(f"demo: results store {results_uri}; running pipelines/matrix.py through kfp.local", flush=True)
+        print(f"demo: results store {results_uri}; running pipelines/matrix.yaml through kfp.local", flush=True)
         run_local(pipeline_arguments(cfg, results_uri, out / "work"), out / "kfp")
         run = f"{results_uri}/{RUN_NAME}"
         print(f"demo: pulling {run} -> {out / 'results'} (wmvla results pull)", flush=True)

@@ -47,7 +47,8 @@ def test_committed_pipeline_conforms_and_needs_the_stated_backend():
     assert {"CHANGELOG 2.15.0", "CHANGELOG 2.16.0"} <= set(_rules(old)), old
 
 
-@pytest.mark.parametrize("values", sorted((ROOT / "charts" / "wmvla" / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("values", sorted((ROOT / "charts" / "wmvla" / "examples").glob("*.yaml")),
+                         ids=lambda p: p.stem)
 def test_compile_with_chart_values_conforms(values, tmp_path):
     from pipelines.cli import CompileConfig, compile_pipeline, platform_for
     from pipelines.conformance import check
@@ -142,7 +143,8 @@ def test_gpu_count_from_an_integer_parameter_is_caught(tmp_path):
         work().set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
 
     (v,) = check(_compile(gpu_int, tmp_path))
-    assert v.rule.endswith("(GetStringValue)") and "accelerator.resourceCount" in v.where and "NUMBER_INTEGER" in v.message
+    assert v.rule.endswith("(GetStringValue)") and "accelerator.resourceCount" in v.where
+    assert "NUMBER_INTEGER" in v.message
 
     @dsl.pipeline(name="gpu-str")
     def gpu_str(gpus: str = "1"):
