@@ -320,3 +320,21 @@ def test_cpu_only_compile_has_no_gpu_settings(tmp_path):
         assert "accelerator" not in res and "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
         assert res["resourceCpuRequest"] == CPU_ONLY_RESOURCES.cpu and res["resourceMemoryLimit"] == \
             CPU_ONLY_RESOURCES.memory, name
+
+
+def test_apply_platform_refuses_a_number_gpu_parameter():
+    """The platform's one place refuses a GPU count the driver would drop (a number parameter -> no GPU limit)."""
+    from kfp import dsl
+
+    from components.platform import DEFAULT, apply_platform
+
+    @dsl.component(install_kfp_package=False, base_image="python:3.11")
+    def work():
+        pass
+
+    def gpus_int(gpus=1):
+        apply_platform(work(), DEFAULT, "train", gpus=gpus)
+
+    gpus_int.__annotations__ = {"gpus": int}  # this module's `from __future__ import annotations` makes them text
+    with pytest.raises(TypeError, match="str pipeline parameter"):
+        dsl.pipeline(name="gpus-int")(gpus_int)
