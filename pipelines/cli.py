@@ -284,17 +284,8 @@ class SubmitConfig:
 
 
 def service_account_for(cfg: SubmitConfig) -> str:
-    from components.platform import DEFAULT, Platform
-
-    if cfg.service_account:
-        return cfg.service_account
-    if cfg.values is not None:
-        import yaml
-
-        if not Path(cfg.values).is_file():
-            raise WmvlaError(f"--values {cfg.values}: no such file; expected the chart's values YAML")
-        return Platform.from_chart_values(yaml.safe_load(Path(cfg.values).read_text()) or {}).service_account
-    return DEFAULT.service_account
+    """--service-account, else the values file's serviceAccount.name, else the chart's default."""
+    return cfg.service_account or platform_for(CompileConfig(values=cfg.values)).service_account
 
 
 def submission(cfg: SubmitConfig) -> tuple[dict, str, str | None]:
