@@ -2,8 +2,9 @@
 
 kfp.local runs pipelines the backend refuses (it passes Python values between tasks as they are); the backend's
 driver converts and checks every parameter at every DAG boundary, and reads pod settings from the executor
-input in its own way. The rules below are read from the backend's source (github.com/kubeflow/pipelines at
-7b70c7b, 2026-08-21; `backend/src/v2/driver/...`) and its CHANGELOG.md; each check cites the function it mirrors.
+input in its own way. The rules below are read from the backend's source (github.com/kubeflow/pipelines, `backend/src/v2/driver/...`, the
+same at tags 2.16.0, 2.16.1 and main 7b70c7b of 2026-08-21) and its CHANGELOG.md; each check cites the function
+it mirrors.
 A compiled pipeline that passes here is one whose parameters the backend can hand from task to task.
 
 Reads plain YAML (no kfp import), so the same check runs on `wmvla pipeline compile`'s output, on the file a

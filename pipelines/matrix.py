@@ -31,7 +31,8 @@ from vla_core.experiments.cells import DEFAULT_CELLS
 # deadline (argo-workflows workflow/controller/operator.go, processNodeRetries), so it must cover every attempt
 # of the longest training (libero-2b: 13-18 h per cell on one L40S, docs/pipeline.md): a week. kfp's default,
 # 1 h, would never retry a training that ran longer. A DELETED or EVICTED pod ends in Argo's Error phase, which
-# the backend's retryStrategy (no retryPolicy: Argo's default OnFailure) does not retry, and the IR cannot ask
+# the backend's retryStrategy (kubeflow/pipelines argocompiler/container.go getTaskRetryStrategyFromInput sets no
+# retryPolicy: Argo's default OnFailure, argo-workflows RetryPolicyActual) does not retry, and the IR cannot ask
 # for more: such a run is retried as a whole (KFP UI "Retry", or resubmitted with the same run_name), and its
 # pods resume from the bucket the same way (docs/pipeline.md, "What a retry covers").
 RETRIES = 2
