@@ -190,9 +190,12 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
 
     job = MICROJOBS[microjob]
     r = job.resources
+    image = job.image
     if platform.cpu_only:
         r = dataclasses.replace(CPU_ONLY_RESOURCES, shm=CPU_ONLY_RESOURCES.shm if r.shm else "")
-    task.set_container_image(platform.image(job.image))
+        # the eval image holds everything the train image does (extras train,sim): a CI node pulls two images
+        image = "eval" if image == "train" else image
+    task.set_container_image(platform.image(image))
     if platform.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, list(platform.image_pull_secrets))
     task.set_cpu_request(r.cpu).set_memory_request(r.memory).set_memory_limit(r.memory)

@@ -116,7 +116,8 @@ class CompileConfig:
     """do not write: exit 1 if `out` differs from a fresh compile (CI / tests keep matrix.yaml current)"""
     cpu_only: bool = False
     """a cluster without a GPU pool (CI on kind: scripts/kind_smoke.sh): no GPU limits, selectors or tolerations,
-    small CPU / memory requests (components.platform.CPU_ONLY_RESOURCES)"""
+    small CPU / memory requests (components.platform.CPU_ONLY_RESOURCES), the eval image in place of the train
+    image"""
 
 
 def platform_for(cfg: CompileConfig):

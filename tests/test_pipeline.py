@@ -320,6 +320,8 @@ def test_cpu_only_compile_has_no_gpu_settings(tmp_path):
         assert "accelerator" not in res and "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
         assert res["resourceCpuRequest"] == CPU_ONLY_RESOURCES.cpu and res["resourceMemoryLimit"] == \
             CPU_ONLY_RESOURCES.memory, name
+    # two images to pull on a CI node: the eval image runs latents and training too (it has the train extra)
+    assert {e["container"]["image"] for e in executors.values()} == {DEFAULT.image("cpu"), DEFAULT.image("eval")}
 
 
 def test_apply_platform_refuses_a_number_gpu_parameter():
