@@ -251,16 +251,6 @@ def build_policy(folder: str, image_px: int, n_act: int, finetune: str, device, 
     return VLAPolicy(pcfg, stats).to(device).train()
 
 
-def compile_blocks(policy) -> int:
-    """torch.compile every decoder layer and vision block in place (one graph each kind, reused)."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    n = 0
-    for layer in list(policy.backbone.language_model.layers) + list(policy.backbone.vision_tower.blocks):
-        layer.compile()
-        n += 1
-    return n
-
-
 def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
     """Matmul FLOPs of one training step (see the module doc): linear layers + attention, fwd x1/x2/x3."""
     cfg = policy.backbone.model.config
@@ -292,7 +282,7 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     backward, fused AdamW over the fp32 trainable weights."""
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
     if compile_:
-        compile_blocks(policy)
+        policy.compile_blocks()
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -314,8 +304,10 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     return res
 
 
-def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int) -> dict:
-    """Loss and gradients of the batched vs the per-image vision attention, same policy, same batch."""
+def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
+                       compile_: bool = False) -> dict:
+    """Loss and gradients of the batched vs the per-image vision attention (and vs the compiled blocks), same
+    policy, same batch: relative L2 error of all gradients together and of the worst tensors."""
     from vla_core.policy.backbone import set_batched_vision_attention
 
     policy = build_policy(folder, image_px, n_act, "full", device, world_dim, batched=True)
@@ -326,17 +318,34 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
         policy.zero_grad(set_to_none=True)
         out = policy(inputs)
         out["loss"].backward()
-        results.append((float(out["loss"]), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
                                               if p.grad is not None}))
-    (la, ga), (lb, gb) = results
-    rel = {n: float((ga[n] - gb[n]).norm() / gb[n].norm().clamp_min(1e-30)) for n in gb if gb[n].norm() > 0}
-    worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
-    num = math.sqrt(sum(float((ga[n] - gb[n]).norm()) ** 2 for n in gb))
-    den = math.sqrt(sum(float(gb[n].norm()) ** 2 for n in gb))
-    del policy, inputs, results, ga, gb
-    return {"loss_batched": la, "loss_per_image": lb, "loss_rel_diff": abs(la - lb) / max(abs(lb), 1e-30),
-            "grad_rel_l2_all": num / max(den, 1e-30),
-            "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
+    if compile_:  # the compiled blocks against the eager batched path
+        set_batched_vision_attention(policy.backbone.model, True)
+        policy.compile_blocks()
+        for _ in range(2):  # compile, then the measured call
+            policy.zero_grad(set_to_none=True)
+            out = policy(inputs)
+            out["loss"].backward()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
+                                              if p.grad is not None}))
+    del policy, inputs
+    ref_loss, ref_grads = results[0]
+
+    def compare(loss, grads) -> dict:
+        rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
+               if ref_grads[n].norm() > 0}
+        worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+        num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
+        den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
+        return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+                "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
+
+    out = {"reference": "eager, batched vision attention", "loss_reference": ref_loss,
+           "per_image_attention": compare(*results[1])}
+    if compile_:
+        out["compiled_blocks"] = compare(*results[2])
+    return out
 
 
 # ------------------------------------------------------------------------------- the default cell
@@ -363,8 +372,10 @@ def memory_cell(folder: str, image_px: int, n_act: int, device, world_dim: int, 
         try:
             policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
             shape = shape_of(policy, 2)
-            if name == "auto":
+            if name.startswith("auto"):  # "auto": as the trainer runs the preset; "auto-eager": without compile
                 plan = plan_memory(shape, batch, True, cap)
+                if preset.compile and name == "auto":
+                    policy.compile_blocks()
             else:  # "ckpt-8-bf16-fp32": checkpointing, micro-batch 8, Adam bf16, EMA fp32
                 ck, m, adam, emad = name.split("-")
                 est, st = estimate(shape, int(m), ck == "ckpt", adam, emad, True)
@@ -404,7 +415,7 @@ def memory_cell(folder: str, image_px: int, n_act: int, device, world_dim: int, 
                    "peak_gb": _peak_gb(device), "estimate_gb": round(plan.estimate_bytes / 1e9, 2),
                    "states_gb": round(plan.states_bytes / 1e9, 2), "loss_first_last": [float(losses[0]), float(losses[-1])],
                    "optimizer": type(opt).__name__}
-            if profile and name == "auto" and device.type == "cuda":
+            if profile and name.startswith("auto") and device.type == "cuda":
                 row["kernel_mix"] = kernel_mix(step)
         except torch.cuda.OutOfMemoryError as e:
             row = {"error": f"out of memory under the {cap_gb} GB cap: {str(e).splitlines()[0][:200]}"}
@@ -493,8 +504,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
     ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
     ap.add_argument("--cap-gb", type=float, default=48.0)
-    ap.add_argument("--variants", nargs="*", default=["auto", "ckpt-32-bfloat16-bfloat16", "ckpt-8-float32-float32",
-                                                      "nockpt-8-bfloat16-bfloat16"])
+    ap.add_argument("--variants", nargs="*", default=["auto", "auto-eager", "ckpt-32-bfloat16-bfloat16",
+                                                      "ckpt-8-float32-float32", "nockpt-8-bfloat16-bfloat16"],
+                    help="auto = the trainer's plan for --cap-gb, as the preset runs (compiled); auto-eager = the "
+                         "same plan without compile; CKPT-MICRO-ADAM-EMA = fixed settings")
     ap.add_argument("--profile", action="store_true", help="kernel mix + L40S estimate of the memory cell's step")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -575,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["results"][finetune] = row
     if args.check:
         _free(device)
-        result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim)
+        result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,
+                                                    compile_=args.compile)
         print(f"[check] {result['same_numbers']}", file=sys.stderr, flush=True)
     if args.memory_cell:
         _free(device)

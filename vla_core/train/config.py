@@ -155,6 +155,9 @@ class TrainConfig:
     """with several processes (accelerate launch / torchrun): ddp = replicated weights; fsdp = weights,
     gradients and AdamW state sharded over the processes (PyTorch FSDP2, per decoder layer / vision block),
     for full fine-tuning of 4B/8B backbones. Same steps, same checkpoints; ignored with one process"""
+    compile: bool = False
+    """torch.compile the backbone's decoder layers and vision blocks for training (`VLAPolicy.compile_blocks`;
+    the same loss and gradients, tested; evaluation stays eager). On in the GPU presets"""
     memory_plan: Literal["auto", "off"] = "auto"
     """on a GPU, auto picks activation checkpointing, micro-batches and bf16 Adam/EMA states from the GPU's
     memory (train/memory.py: the fastest settings whose estimate fits; a cell that cannot fit stops before its
@@ -280,6 +283,7 @@ def preset_metaworld_gpu() -> TrainConfig:
         val_every=1000,
         ckpt_every=2000,
         num_workers=8,
+        compile=True,
     )
 
 
@@ -301,6 +305,7 @@ def preset_libero_2b() -> TrainConfig:
         val_every=2000,
         ckpt_every=2000,
         num_workers=8,
+        compile=True,
     )
 
 

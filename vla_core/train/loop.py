@@ -462,6 +462,8 @@ def train(cfg: TrainConfig) -> dict:
         raise WmvlaError("--distributed fsdp shards fp32 Adam moments and EMA; bf16 states are for one process. "
                          "Use --optim.adam-state-dtype float32 --optim.ema-dtype float32 (or --memory-plan auto)")
     micro_batch = plan.micro_batch if plan is not None else o.micro_batch
+    if rcfg.compile and not fsdp:  # FSDP2 + compiled blocks is not measured here: it runs eager
+        say(f"train: torch.compile of {policy.compile_blocks()} decoder layers / vision blocks (first steps compile)")
     if ckpt is not None:  # whole tensors, before sharding (every rank reads the checkpoint)
         load_trained_weights(policy, ckpt, use_ema=False)
     # the frozen weights never change (checked after the first steps): fingerprint them once, while whole

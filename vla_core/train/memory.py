@@ -34,8 +34,11 @@ from vla_core.utils import WmvlaError
 
 GB = 1e9
 BUDGET_FRACTION = 0.88  # of total_memory: allocator fragmentation, CUDA context, temporaries of the optimizer
-ACT_BYTES_FULL = 32.0  # per token x width x layer, bf16 autocast, no checkpointing (H200 measurement)
-ACT_BYTES_CKPT = 6.0  # the same with activation checkpointing (fp32 layer inputs + one layer being recomputed)
+# Per token x width x layer, bf16 autocast. Fitted to the H200 peaks of the libero-2b cell at micro-batch 8
+# (2026-12-04, docs/benchmarks.md "Memory"): no checkpointing 42.0 GB measured (11.7 GB over the states,
+# 4.3 GB of it autocast's weight cache), checkpointing 44.75 GB (1.4 GB over the states); rounded up.
+ACT_BYTES_FULL = 52.0
+ACT_BYTES_CKPT = 10.0
 PROMPT_TEXT_TOKENS = 64  # chat template + instruction, generous
 STATE_LEVELS = (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"))
 
