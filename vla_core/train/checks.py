@@ -57,7 +57,8 @@ def check_optimizer_covers(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def check_optimizer_state_fp32(optimizer: torch.optim.Optimizer) -> None:
     """Moments in the optimizer's declared `state_dtype` (float32 unless it declares one), weights fp32."""
-    want = getattr(optimizer, "state_dtype", torch.float32)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    want = getattr(inner, "state_dtype", torch.float32)
     bad = []
     for group in optimizer.param_groups:
         for p in group["params"]:

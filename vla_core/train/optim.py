@@ -99,7 +99,7 @@ class AdamWLowMem(torch.optim.Optimizer):
                         v_s.copy_(v)
                     old = w.clone() if o is not None else None
                     w.mul_(1 - lr * wd)
-                    denom = v.sqrt_().div_(bc2_sqrt).add_(eps)
+                    denom = v.sqrt().div_(bc2_sqrt).add_(eps)  # v may be the fp32 state itself: no sqrt_
                     w.addcdiv_(m, denom, value=-lr / bc1)
                     if o is not None:  # o <- decay * (o - (w_new - w_old)), in fp32, stored bf16
                         o.copy_(o.float().add_(old.sub_(w)).mul_(decay))
