@@ -347,3 +347,25 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     assert float(la) == pytest.approx(float(lb), rel=1e-5)
     assert_same_grads(grads(a), grads(b), rtol=1e-4)
     assert set(a.state_dict()) == set(b.state_dict())  # checkpoints keep their keys
+
+
+def test_compiled_optimizer_update_equals_the_eager_one():
+    # the fused (torch.compile) chunk update that AdamWLowMem uses on CUDA, checked here with inductor on the CPU
+    pa, target = _quadratic()
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    opts, emas = [], []
+    for ps, compiled in ((pa, False), (pb, True)):
+        opt = AdamWLowMem(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, compiled=compiled)
+        emas.append(OffsetEMA({"w": ps[0], "b": ps[1]}, 0.95, opt))
+        opts.append(opt)
+    for _ in range(5):
+        for opt, ema, ps in zip(opts, emas, (pa, pb)):
+            opt.zero_grad()
+            _loss(ps, target).backward()
+            opt.step()
+            ema.update()
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for n in ("w", "b"):
+        torch.testing.assert_close(emas[1].state_dict()[n], emas[0].state_dict()[n], rtol=1e-5, atol=1e-5)
+    assert opts[1].state[pb[0]]["exp_avg"].dtype == torch.bfloat16

@@ -40,11 +40,39 @@ def _chunks(t: torch.Tensor, n: int = CHUNK):
     return t.view(-1).split(n)
 
 
+def _update_chunk(w, g, m_s, v_s, o, hp):
+    """One chunk's AdamW update in fp32, written back in place (moments in their storage dtype). `hp`: a
+    float32 tensor [lr, weight_decay, beta1, beta2, bias_correction1, sqrt(bias_correction2), eps, ema_decay]
+    on the device, so a compiled version never recompiles for new scalar values. `o`: the EMA offset or None.
+    Eager, this is ~14 kernels per chunk (~130 bytes moved per parameter); compiled (`AdamWLowMem(compiled=)`)
+    it is one fused kernel (~20 bytes per parameter, ~26 with the offset)."""
+    lr, wd, beta1, beta2, bc1, bc2_sqrt, eps, decay = hp.unbind()
+    g = g.float()
+    m = m_s.float().lerp(g, 1 - beta1)
+    v = v_s.float() * beta2 + g * g * (1 - beta2)
+    w_new = w * (1 - lr * wd) - (lr / bc1) * m / (v.sqrt() / bc2_sqrt + eps)
+    if o is not None:  # o <- decay * (o - (w_new - w_old))
+        o.copy_(((o.float() + (w - w_new)) * decay).to(o.dtype))
+    m_s.copy_(m.to(m_s.dtype))
+    v_s.copy_(v.to(v_s.dtype))
+    w.copy_(w_new)
+
+
+_compiled_update = None
+
+
+def _compiled_update_chunk():
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = torch.compile(_update_chunk, dynamic=True, fullgraph=True)
+    return _compiled_update
+
+
 class AdamWLowMem(torch.optim.Optimizer):
     """AdamW over fp32 parameters with moments stored in `state_dtype` (bfloat16 or float32)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 state_dtype: str | torch.dtype = "bfloat16"):
+                 state_dtype: str | torch.dtype = "bfloat16", compiled: bool | None = None):
         dtype = DTYPES[state_dtype] if isinstance(state_dtype, str) else state_dtype
         if dtype == torch.bfloat16 and min(1 - betas[0], 1 - betas[1]) < MIN_BF16_ONE_MINUS_BETA:
             raise WmvlaError(f"bfloat16 Adam moments with betas {tuple(betas)}: 1 - beta below "
@@ -52,6 +80,8 @@ class AdamWLowMem(torch.optim.Optimizer):
                              "--optim.adam-state-dtype float32, or betas with beta2 <= 0.984 (the presets: 0.95)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = dtype
+        # one fused kernel per chunk (torch.compile) instead of ~14 eager ones; default: on CUDA
+        self.compiled = compiled
         self.ema: OffsetEMA | None = None
         for group in self.param_groups:
             for p in group["params"]:
@@ -76,6 +106,7 @@ class AdamWLowMem(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            hps: dict = {}  # (step, device) -> the scalars as one device tensor: one copy per group, not per tensor
             for p in group["params"]:
                 offset = self.ema.offset_of(p) if self.ema is not None else None
                 if p.grad is None:
@@ -88,21 +119,16 @@ class AdamWLowMem(torch.optim.Optimizer):
                 st["step"] += 1
                 t = float(st["step"])
                 bc1, bc2_sqrt = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
+                compiled = self.compiled if self.compiled is not None else p.is_cuda
+                update = _compiled_update_chunk() if compiled else _update_chunk
+                hp = hps.get((t, p.device))
+                if hp is None:
+                    hp = hps[(t, p.device)] = torch.tensor([lr, wd, beta1, beta2, bc1, bc2_sqrt, eps, decay or 0.0],
+                                                           dtype=torch.float32, device=p.device)
                 parts = zip(_chunks(p), _chunks(p.grad), _chunks(st["exp_avg"]), _chunks(st["exp_avg_sq"]),
                             _chunks(offset) if offset is not None else iter(lambda: None, 0))
                 for w, g, m_s, v_s, o in parts:
-                    g = g.float()
-                    m = m_s.float().lerp_(g, 1 - beta1)
-                    v = v_s.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    if m_s.dtype != torch.float32:
-                        m_s.copy_(m)
-                        v_s.copy_(v)
-                    old = w.clone() if o is not None else None
-                    w.mul_(1 - lr * wd)
-                    denom = v.sqrt().div_(bc2_sqrt).add_(eps)  # v may be the fp32 state itself: no sqrt_
-                    w.addcdiv_(m, denom, value=-lr / bc1)
-                    if o is not None:  # o <- decay * (o - (w_new - w_old)), in fp32, stored bf16
-                        o.copy_(o.float().add_(old.sub_(w)).mul_(decay))
+                    update(w, g, m_s, v_s, o, hp)
         if self.ema is not None:
             self.ema.folded = True
         return loss
