@@ -454,6 +454,9 @@ def train(cfg: TrainConfig) -> dict:
         else:
             plan = configured_plan(shape, o, rcfg.policy.gradient_checkpointing, o.ema_decay > 0, total_memory,
                                    shards)
+            if plan.states_bytes > total_memory:  # cannot fit whatever the activations: say so before step 1
+                raise WmvlaError(oom_message(plan, RuntimeError("the weights, gradients and optimizer/EMA states "
+                                                                "alone exceed the GPU")))
         say(f"train: memory plan: {plan.summary()}")
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
