@@ -277,7 +277,7 @@ def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
 
 
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
-               world_dim: int, batched: bool = True, compile_: bool = False) -> dict:
+               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
     backward, fused AdamW over the fp32 trainable weights."""
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
@@ -300,6 +300,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     seq = int(inputs["input_ids"].shape[1])
     res = {"sec": sec, "seq": seq, "flops": model_flops(policy, batch, seq, finetune), "peak_gb": _peak_gb(device),
            "first_step_s": round(first, 1)}
+    if profile and device.type == "cuda":
+        res["kernel_mix"] = kernel_mix(step)
     del policy, opt, inputs, params
     return res
 
@@ -508,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "ckpt-8-float32-float32", "nockpt-8-bfloat16-bfloat16"],
                     help="auto = the trainer's plan for --cap-gb, as the preset runs (compiled); auto-eager = the "
                          "same plan without compile; CKPT-MICRO-ADAM-EMA = fixed settings")
-    ap.add_argument("--profile", action="store_true", help="kernel mix + L40S estimate of the memory cell's step")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel mix (+ L40S estimate) of each ours row's step and of the memory cell's step")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     tiny = args.tiny
@@ -555,12 +558,15 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 if name.startswith("ours"):
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
-                                   batched=name != "ours_ref", compile_=name == "ours_compiled")
+                                   batched=name != "ours_ref", compile_=name == "ours_compiled",
+                                   profile=args.profile)
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
                                  "peak_gb": r["peak_gb"], "first_step_s": r["first_step_s"],
                                  "model_flop_per_step": r["flops"], "tflop_per_step": round(r["flops"] / 1e12, 2),
                                  "achieved_tflops": round(r["flops"] / r["sec"] / 1e12, 1)}
+                    if "kernel_mix" in r:
+                        row[name]["kernel_mix"] = r["kernel_mix"]
                     if peak_sheet:
                         row[name]["mfu_vs_datasheet"] = round(r["flops"] / r["sec"] / 1e12 / peak_sheet, 3)
                     if result["matmul_bf16_tflops_measured"]:
