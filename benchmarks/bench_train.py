@@ -1,35 +1,53 @@
-"""Training throughput: our VLAPolicy step vs the plain Hugging Face step of the same Qwen3-VL model.
+"""Training throughput and memory: our VLAPolicy step vs the plain Hugging Face step of the same Qwen3-VL model.
 
 Random weights, no downloads: the Qwen3-VL-2B shapes are rebuilt in code with `Qwen3VLConfig` (text: hidden
 2048, 28 layers, 16 heads / 8 KV heads, MLP 6144; vision: 24 layers x 1024, patch 16, 2x2 merge, DeepStack
 from vision layers 5/11/17). Every step sees, per sample, a 224 px agent view + a 224 px wrist view
 (2 x 49 merged vision tokens), a ~32-token prompt and 8 <ACT> tokens; batch 32.
 
-Measured in the same process, one after the other, for `full` fine-tuning and `frozen_vision`:
+Speed rows, measured in the same process one after the other, for `full`, `frozen_vision` and `lora`:
   hf_bf16      Qwen3VLForConditionalGeneration with bf16 weights, forward on the same inputs, MSE on the
                last hidden states of the 8 ACT positions through a linear head, fused AdamW
-               (the "plain HF step" of REFERENCE.md: 73 samples/s full, 115 frozen vision on an H100)
-  hf_autocast  the same with fp32 weights + bf16 autocast (the precision policy our trainer enforces:
-               trainable weights and optimizer state fp32)
-  ours         wmvla's VLAPolicy.forward(batch) -> loss (memory "pred" with the Prophet and the
-               gated cross-attention, MSE head), fp32 trainable weights + bf16 autocast, fused AdamW;
-               the same random weights, saved to a temporary folder and loaded as `policy.backbone`
-Prints one JSON object: samples/s and ms/step of each, and ours / hf ratios.
+               (the "plain HF step" of REFERENCE.md; not for lora)
+  hf_autocast  the same with fp32 weights + bf16 autocast (our precision policy; not for lora)
+  ours_ref     wmvla's VLAPolicy.forward(batch) -> loss (memory "pred" with the Prophet and the gated
+               cross-attention, MSE head), fp32 trainable weights + bf16 autocast, fused AdamW, with
+               transformers' own vision attention (one SDPA call per image per layer): the path before issue 21
+  ours         the same with the batched vision attention (`policy.batched_vision_attention`, the default)
+  ours_compiled  `ours` with every decoder layer and vision block under torch.compile (--compile)
+Each row: ms/step (median), samples/s, peak GPU memory, model FLOPs per step and MFU against the H200's dense
+bf16 datasheet rate (989 TFLOP/s) and against the bf16 matmul rate measured in the same run.
+MFU counts the matmul FLOPs of the model (`model_flops`): 2 per multiply-add of every linear layer and of
+attention (QK^T and PV, full square), x3 for layers whose weights train (forward + 2 backward), x2 for frozen
+layers that gradients flow through (LoRA's language model), x1 for a frozen vision tower; recomputation by
+activation checkpointing is not counted.
 
-    python benchmarks/bench_train.py                 # on the GPU machine (2B shapes)
-    python benchmarks/bench_train.py --tiny          # seconds on a CPU: smoke test of the script itself
+`--check`: the same loss and gradients (relative L2 error of every trainable gradient) from the batched and
+the per-image vision attention on one policy and one batch.
+
+`--memory-cell`: the default pipeline cell (preset libero-2b: full fine-tune, batch 32, EMA 0.999, grad clip,
+its AdamW) under a per-process cap of `--cap-gb` (48 = an L40S): the settings the trainer's memory plan picks
+for that GPU (`train/memory.py`) and a few fixed variants; peak memory (max_memory_allocated), estimated
+peak, ms/step. `--profile`: the kernel mix of the picked cell's step (matmul/attention vs the rest), and the
+L40S step time that the datasheet ratios give for it (arithmetic, not a measurement).
+
+    python benchmarks/bench_train.py                               # on the GPU machine (2B shapes)
+    python benchmarks/bench_train.py --memory-cell --profile --rows none
+    python benchmarks/bench_train.py --tiny                        # seconds on a CPU: smoke test of the script
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import platform
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -141,8 +159,6 @@ def bench_hf(cfg, inputs: dict, act_token_id: int, action_dim: int, chunk: int, 
 
     sec = _timeit(step, warmup, iters, device)
     del model, opt, head
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return sec
 
 
@@ -176,30 +192,32 @@ def with_tokenizer_ids(cfg):
     return cfg
 
 
-def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
-               world_dim: int) -> tuple[float, int]:
-    """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
-    backward, fused AdamW over the fp32 trainable weights. Returns (seconds per step, sequence length)."""
+# ------------------------------------------------------------------------------------------- ours
+
+
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "L40S": 362.0, "A100": 312.0}
+DATASHEET_BW_TBS = {"H200": 4.8, "H100": 3.35, "L40S": 0.864, "A100": 2.0}
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None
+
+
+def raw_batch(batch: int, image_px: int, n_act: int, world_dim: int, seed: int = 0) -> dict:
     import numpy as np
 
-    from vla_core.data.normalize import feature_stats
-    from vla_core.policy.config import PolicyConfig
-    from vla_core.policy.modeling import VLAPolicy
-
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     state_dim, action_dim, T, K = 8, 7, 4, 4
-    stats = {"observation.state": feature_stats(rng.normal(size=(1000, state_dim)), "observation.state"),
-             "action": feature_stats(np.clip(rng.normal(size=(1000, action_dim)), -1, 1), "action", mode="quantile",
-                                     passthrough_dims=(action_dim - 1,))}
-    pcfg = PolicyConfig(backbone=folder, image_size=image_px, chunk_size=n_act, state_dim=state_dim,
-                        action_dim=action_dim, memory="pred", world_dim=world_dim, world_history=T, world_horizon=K,
-                        head="mse", finetune=finetune, autocast_bf16=device.type == "cuda",
-                        frozen_dtype="bfloat16" if device.type == "cuda" else "float32",
-                        attn_implementation="sdpa")
-    policy = VLAPolicy(pcfg, stats).to(device).train()
     # ~32 text tokens around the images, as in the plain HF inputs
     task = "pick up the black bowl between the plate and the small cup and place it on the plate"
-    raw = {
+    return {
         "images": rng.integers(0, 256, size=(batch, 2, image_px, image_px, 3), dtype=np.uint8),
         "state": rng.normal(size=(batch, state_dim)).astype(np.float32),
         "task": [task] * batch,
@@ -209,7 +227,63 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
         "world_future": rng.normal(size=(batch, K, world_dim)).astype(np.float32),
         "future_mask": np.ones((batch, K), dtype=bool),
     }
-    inputs = policy.prepare(raw)  # processed once, on the device: the step measures the model, not the loader
+
+
+def build_policy(folder: str, image_px: int, n_act: int, finetune: str, device, world_dim: int,
+                 batched: bool = True, checkpointing: bool = False):
+    import numpy as np
+
+    from vla_core.data.normalize import feature_stats
+    from vla_core.policy.config import PolicyConfig
+    from vla_core.policy.modeling import VLAPolicy
+
+    rng = np.random.default_rng(0)
+    state_dim, action_dim = 8, 7
+    stats = {"observation.state": feature_stats(rng.normal(size=(1000, state_dim)), "observation.state"),
+             "action": feature_stats(np.clip(rng.normal(size=(1000, action_dim)), -1, 1), "action", mode="quantile",
+                                     passthrough_dims=(action_dim - 1,))}
+    pcfg = PolicyConfig(backbone=folder, image_size=image_px, chunk_size=n_act, state_dim=state_dim,
+                        action_dim=action_dim, memory="pred", world_dim=world_dim, world_history=4, world_horizon=4,
+                        head="mse", finetune=finetune, autocast_bf16=device.type == "cuda",
+                        frozen_dtype="bfloat16" if device.type == "cuda" else "float32",
+                        attn_implementation="sdpa", batched_vision_attention=batched,
+                        gradient_checkpointing=checkpointing)
+    return VLAPolicy(pcfg, stats).to(device).train()
+
+
+def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
+    """Matmul FLOPs of one training step (see the module doc): linear layers + attention, fwd x1/x2/x3."""
+    cfg = policy.backbone.model.config
+    tc, vc = cfg.text_config, cfg.vision_config
+    d, hd = tc.hidden_size, getattr(tc, "head_dim", tc.hidden_size // tc.num_attention_heads)
+    llm_linear = tc.num_hidden_layers * (d * hd * (tc.num_attention_heads * 2 + tc.num_key_value_heads * 2)
+                                         + 3 * d * tc.intermediate_size)
+    tokens = batch * seq
+    llm_fwd = 2 * llm_linear * tokens + tc.num_hidden_layers * 4 * seq * seq * tc.num_attention_heads * hd * batch
+    image_px = policy.cfg.image_size
+    per_img = (image_px // vc.patch_size) ** 2
+    n_img = batch * len(policy.cfg.camera_keys)
+    patches = n_img * per_img
+    dv = vc.hidden_size
+    vis_block = 4 * dv * dv + 2 * dv * vc.intermediate_size
+    merge_in = dv * vc.spatial_merge_size ** 2
+    mergers = (1 + len(getattr(vc, "deepstack_visual_indexes", []))) * (merge_in * merge_in + merge_in * vc.out_hidden_size)
+    patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    vis_fwd = (2 * vc.depth * vis_block * patches + vc.depth * 4 * per_img * per_img * dv * n_img
+               + 2 * mergers * patches / vc.spatial_merge_size ** 2 + 2 * patch_in * dv * patches)
+    llm_mult = {"full": 3, "frozen_vision": 3, "lora": 2}[finetune]
+    vis_mult = 3 if finetune == "full" else 1
+    return float(llm_mult * llm_fwd + vis_mult * vis_fwd)
+
+
+def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
+               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False) -> dict:
+    """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
+    backward, fused AdamW over the fp32 trainable weights."""
+    policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
+    if compile_:
+        policy.compile_blocks()
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
@@ -219,15 +293,201 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec = _timeit(step, warmup, iters, device)
+    t0 = time.perf_counter()
+    step()  # the first step (compilation, allocator warm-up) is timed on its own
+    first = time.perf_counter() - t0
+    sec = _timeit(step, max(warmup - 1, 0), iters, device)
     seq = int(inputs["input_ids"].shape[1])
-    del policy, opt, inputs
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return sec, seq
+    res = {"sec": sec, "seq": seq, "flops": model_flops(policy, batch, seq, finetune), "peak_gb": _peak_gb(device),
+           "first_step_s": round(first, 1)}
+    if profile and device.type == "cuda":
+        res["kernel_mix"] = kernel_mix(step)
+    del policy, opt, inputs, params
+    return res
+
+
+def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
+                       compile_: bool = False) -> dict:
+    """Loss and gradients of the batched vs the per-image vision attention (and vs the compiled blocks), same
+    policy, same batch: relative L2 error of all gradients together and of the worst tensors."""
+    from vla_core.policy.backbone import set_batched_vision_attention
+
+    policy = build_policy(folder, image_px, n_act, "full", device, world_dim, batched=True)
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
+    results = []
+    for on in (True, False):
+        set_batched_vision_attention(policy.backbone.model, on)
+        policy.zero_grad(set_to_none=True)
+        out = policy(inputs)
+        out["loss"].backward()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
+                                              if p.grad is not None}))
+    if compile_:  # the compiled blocks against the eager batched path
+        set_batched_vision_attention(policy.backbone.model, True)
+        policy.compile_blocks()
+        for _ in range(2):  # compile, then the measured call
+            policy.zero_grad(set_to_none=True)
+            out = policy(inputs)
+            out["loss"].backward()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
+                                              if p.grad is not None}))
+    del policy, inputs
+    ref_loss, ref_grads = results[0]
+
+    def compare(loss, grads) -> dict:
+        rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
+               if ref_grads[n].norm() > 0}
+        worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+        num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
+        den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
+        return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+                "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
+
+    out = {"reference": "eager, batched vision attention", "loss_reference": ref_loss,
+           "per_image_attention": compare(*results[1])}
+    if compile_:
+        out["compiled_blocks"] = compare(*results[2])
+    return out
+
+
+# ------------------------------------------------------------------------------- the default cell
+
+
+def memory_cell(folder: str, image_px: int, n_act: int, device, world_dim: int, cap_gb: float, variants,
+                warmup: int, iters: int, profile: bool) -> dict:
+    """The libero-2b cell under a per-process memory cap: the auto plan for that cap + fixed variants."""
+    from vla_core.train.config import get_preset
+    from vla_core.train.loop import build_optimizer, global_loss_weights
+    from vla_core.train.memory import MemoryPlan, estimate, plan_memory, shape_of, split_batch
+
+    preset = get_preset("libero-2b")
+    o = preset.optim
+    batch = o.batch_size * o.grad_accum
+    cap = int(cap_gb * 1e9)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else cap
+    out: dict = {"cap_gb": cap_gb, "batch": batch, "ema_decay": o.ema_decay, "rows": {}}
+    for name in variants:
+        _free(device)
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        policy = opt = ema = inputs = None
+        try:
+            policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
+            shape = shape_of(policy, 2)
+            if name.startswith("auto"):  # "auto": as the trainer runs the preset; "auto-eager": without compile
+                plan = plan_memory(shape, batch, True, cap)
+                if preset.compile and name == "auto":
+                    policy.compile_blocks()
+            else:  # "ckpt-8-bf16-fp32": checkpointing, micro-batch 8, Adam bf16, EMA fp32
+                ck, m, adam, emad = name.split("-")
+                est, st = estimate(shape, int(m), ck == "ckpt", adam, emad, True)
+                plan = MemoryPlan(ck == "ckpt", int(m), adam, emad, est, st, cap, "fixed")
+            if plan.gradient_checkpointing:
+                policy.enable_gradient_checkpointing()
+            opt = build_optimizer(policy, preset, fused=device.type == "cuda", plan=plan)
+            params = dict(policy.trainable_parameters())
+            if plan.ema_dtype == "bfloat16":
+                from vla_core.train.optim import OffsetEMA
+
+                ema = OffsetEMA(params, o.ema_decay, opt)
+            else:
+                from vla_core.train.ema import EMA
+
+                ema = EMA(params, o.ema_decay)
+            inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
+            one = types.SimpleNamespace(num_processes=1)
+            losses = []
+
+            def step():
+                parts = split_batch(inputs, plan.micro_batch)
+                weights, _ = global_loss_weights(policy, parts, one)
+                total_loss = 0.0
+                for i, b in enumerate(parts):
+                    res = policy(b, loss_weights=weights[i])
+                    (res["loss"] / len(parts)).backward()
+                    total_loss += res["loss"].detach() / len(parts)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), o.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ema.update()
+                losses.append(total_loss)
+
+            sec = _timeit(step, warmup, iters, device)
+            row = {"plan": plan.to_dict(), "ms_per_step": round(sec * 1e3, 1), "samples_per_s": round(batch / sec, 2),
+                   "peak_gb": _peak_gb(device), "estimate_gb": round(plan.estimate_bytes / 1e9, 2),
+                   "states_gb": round(plan.states_bytes / 1e9, 2), "loss_first_last": [float(losses[0]), float(losses[-1])],
+                   "optimizer": type(opt).__name__}
+            if profile and name.startswith("auto") and device.type == "cuda":
+                row["kernel_mix"] = kernel_mix(step)
+        except torch.cuda.OutOfMemoryError as e:
+            row = {"error": f"out of memory under the {cap_gb} GB cap: {str(e).splitlines()[0][:200]}"}
+        except Exception as e:  # noqa: BLE001 - a variant that cannot be built (e.g. plan refused) is a result
+            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out["rows"][name] = row
+        print(f"[memory cell {cap_gb} GB] {name}: {row}", file=sys.stderr, flush=True)
+        del policy, opt, ema, inputs
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
+
+
+def kernel_mix(step) -> dict:
+    """GPU kernel time of one step by kind (torch.profiler), and the L40S estimate from datasheet ratios:
+    matmul/attention kernels scale with dense bf16 rate (989 -> 362 TFLOP/s), the rest with memory bandwidth
+    (4.8 -> 0.864 TB/s). Arithmetic from the H200's kernel mix; launch gaps are assumed to overlap."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    mm = other = 0.0
+    n_kernels = 0
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0.0)
+        if t <= 0:
+            continue
+        n_kernels += evt.count
+        name = evt.key.lower()
+        if any(k in name for k in ("gemm", "cutlass", "xmma", "sm90", "flash", "fmha", "attention", "cublas",
+                                   "nvjet")):
+            mm += t
+        else:
+            other += t
+    mm_ms, other_ms = mm / 1e3, other / 1e3
+    l40s = mm_ms * DATASHEET_BF16_TFLOPS["H200"] / DATASHEET_BF16_TFLOPS["L40S"] + \
+        other_ms * DATASHEET_BW_TBS["H200"] / DATASHEET_BW_TBS["L40S"]
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "matmul_attention_ms": round(mm_ms, 1),
+            "other_kernels_ms": round(other_ms, 1), "kernel_launches": n_kernels,
+            "l40s_estimate_ms": round(l40s, 0)}
+
+
+def matmul_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16, generator=g)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 10
+    del a, b
+    return round(2 * 8192 ** 3 / dt / 1e12, 1)
 
 
 # -------------------------------------------------------------------------------------------- main
+
+
+ROWS = ("hf_bf16", "hf_autocast", "ours_ref", "ours", "ours_compiled")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,63 +497,116 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-px", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (1 with --tiny)")
     ap.add_argument("--iters", type=int, default=None, help="default 10 (2 with --tiny)")
-    ap.add_argument("--finetune", nargs="+", default=["full", "frozen_vision"], choices=["full", "frozen_vision"])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["hf_bf16", "hf_autocast", "ours"])
+    ap.add_argument("--finetune", nargs="+", default=["full", "frozen_vision", "lora"],
+                    choices=["full", "frozen_vision", "lora"])
+    ap.add_argument("--rows", nargs="*", default=["hf_bf16", "hf_autocast", "ours_ref", "ours"],
+                    help=f"speed rows to run, of {ROWS} (ours_compiled also with --compile); 'none' for none")
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(ROWS))
+    ap.add_argument("--compile", action="store_true", help="add the ours_compiled row")
+    ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
+    ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
+    ap.add_argument("--cap-gb", type=float, default=48.0)
+    ap.add_argument("--variants", nargs="*", default=["auto", "auto-eager", "ckpt-32-bfloat16-bfloat16",
+                                                      "ckpt-8-float32-float32", "nockpt-8-bfloat16-bfloat16"],
+                    help="auto = the trainer's plan for --cap-gb, as the preset runs (compiled); auto-eager = the "
+                         "same plan without compile; CKPT-MICRO-ADAM-EMA = fixed settings")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel mix (+ L40S estimate) of each ours row's step and of the memory cell's step")
+    ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     tiny = args.tiny
     batch = args.batch or (4 if tiny else 32)
     image_px = 64 if tiny and args.image_px == 224 else args.image_px
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     iters = args.iters if args.iters is not None else (2 if tiny else 10)
+    rows = [r for r in args.rows if r != "none" and r not in args.skip]
+    if args.compile and "ours_compiled" not in rows:
+        rows.append("ours_compiled")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cfg = with_tokenizer_ids(qwen3_vl_config(tiny))
     n_act, prompt_tokens, n_images, chunk, action_dim = 8, 32, 2, 8, 7
+    world_dim = 64 if tiny else 1024
     act_token_id = cfg.text_config.vocab_size - 1  # an ordinary id standing in for <ACT>: same cost as a new row
     inputs = hf_inputs(cfg, batch, image_px, n_images, prompt_tokens, n_act, act_token_id, device)
     tmp = tempfile.TemporaryDirectory(prefix="wmvla_bench_")
-    if "ours" not in args.skip:
+    needs_folder = any(r.startswith("ours") for r in rows) or args.check or args.memory_cell
+    if needs_folder:
         t0 = time.perf_counter()
         save_random_backbone(cfg, tmp.name)
         print(f"random backbone written to {tmp.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     result: dict = {
         "shapes": "tiny" if tiny else "Qwen3-VL-2B",
         "batch": batch, "image_px": image_px, "images_per_sample": n_images, "act_tokens": n_act,
         "prompt_tokens": prompt_tokens, "seq_len_hf": int(inputs["input_ids"].shape[1]),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "device": dev_name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "warmup": warmup, "iters": iters, "results": {},
+        "matmul_bf16_tflops_measured": matmul_tflops(device),
     }
+    peak_sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in dev_name), None)
     for finetune in args.finetune:
         row = {}
-        for name in ("hf_bf16", "hf_autocast", "ours"):
-            if name in args.skip:
+        for name in rows:
+            if name.startswith("hf") and finetune == "lora":
                 continue
+            _free(device)
             try:
-                if name == "ours":
-                    sec, seq = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters,
-                                          world_dim=64 if tiny else 1024)
-                    result["seq_len_ours"] = seq
+                if name.startswith("ours"):
+                    r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
+                                   batched=name != "ours_ref", compile_=name == "ours_compiled",
+                                   profile=args.profile)
+                    result["seq_len_ours"] = r["seq"]
+                    row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
+                                 "peak_gb": r["peak_gb"], "first_step_s": r["first_step_s"],
+                                 "model_flop_per_step": r["flops"], "tflop_per_step": round(r["flops"] / 1e12, 2),
+                                 "achieved_tflops": round(r["flops"] / r["sec"] / 1e12, 1)}
+                    if "kernel_mix" in r:
+                        row[name]["kernel_mix"] = r["kernel_mix"]
+                    if peak_sheet:
+                        row[name]["mfu_vs_datasheet"] = round(r["flops"] / r["sec"] / 1e12 / peak_sheet, 3)
+                    if result["matmul_bf16_tflops_measured"]:
+                        row[name]["mfu_vs_measured_matmul"] = round(
+                            r["flops"] / r["sec"] / 1e12 / result["matmul_bf16_tflops_measured"], 3)
                 else:
                     weights = "bf16" if name == "hf_bf16" else "fp32_autocast"
                     sec = bench_hf(cfg, inputs, act_token_id, action_dim, chunk, finetune, weights, device,
                                    warmup, iters)
-                row[name] = {"ms_per_step": round(sec * 1e3, 2), "samples_per_s": round(batch / sec, 2)}
+                    row[name] = {"ms_per_step": round(sec * 1e3, 2), "samples_per_s": round(batch / sec, 2),
+                                 "peak_gb": _peak_gb(device)}
             except torch.cuda.OutOfMemoryError as e:  # report, do not hide
                 row[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - e.g. a compile failure: a result, the other rows still run
+                if not (name == "ours_compiled"):
+                    raise
+                row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"[{finetune}] {name}: {row[name]}", file=sys.stderr, flush=True)
-        ours = row.get("ours", {}).get("samples_per_s")
-        for base in ("hf_bf16", "hf_autocast"):
-            other = row.get(base, {}).get("samples_per_s")
-            if ours and other:
-                row[f"ours_over_{base}"] = round(ours / other, 3)
+        for mine in ("ours", "ours_compiled"):
+            ours = row.get(mine, {}).get("samples_per_s")
+            for base in ("hf_bf16", "hf_autocast", "ours_ref"):
+                other = row.get(base, {}).get("samples_per_s")
+                if ours and other and mine != base:
+                    row[f"{mine}_over_{base}"] = round(ours / other, 3)
         result["results"][finetune] = row
+    if args.check:
+        _free(device)
+        result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,
+                                                    compile_=args.compile)
+        print(f"[check] {result['same_numbers']}", file=sys.stderr, flush=True)
+    if args.memory_cell:
+        _free(device)
+        result["memory_cell"] = memory_cell(tmp.name, image_px, n_act, device, world_dim, args.cap_gb, args.variants,
+                                            warmup, iters, args.profile)
     tmp.cleanup()
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
     return result
 
 

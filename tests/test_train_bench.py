@@ -17,4 +17,6 @@ def test_bench_train_tiny_runs():
         row = result["results"][finetune]
         for name in ("hf_bf16", "hf_autocast", "ours"):
             assert row[name]["samples_per_s"] > 0, (finetune, name)
-        assert row["ours_over_hf_bf16"] > 0
+        assert row["ours_over_hf_bf16"] > 0 and row["ours_ref"]["samples_per_s"] > 0
+        assert row["ours"]["model_flop_per_step"] > 0  # the MFU column's FLOP count
+    assert result["results"]["lora"]["ours"]["samples_per_s"] > 0  # LoRA: our rows only

@@ -144,8 +144,8 @@ def test_first_steps_check_fires_on_parameter_missing_from_optimizer(data, tmp_p
 
     original = loop.build_optimizer
 
-    def forgetful(policy, cfg, fused):
-        opt = original(policy, cfg, fused)
+    def forgetful(policy, cfg, fused, plan=None):
+        opt = original(policy, cfg, fused, plan)
         act = policy.backbone.act_embedding.act_weight
         for g in opt.param_groups:
             g["params"] = [p for p in g["params"] if p is not act]

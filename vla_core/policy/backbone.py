@@ -305,6 +305,64 @@ def mrope_position_ids(mm_token_type_ids: torch.Tensor, attention_mask: torch.Te
     return torch.stack([start, h, w]).masked_fill(~mask, 0)
 
 
+def _rotary_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' `apply_rotary_pos_emb_vision` (Qwen2-VL lineage): rotate in fp32, back to the input dtype."""
+    def rot(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    qf, kf = q.float(), k.float()
+    return (qf * cos + rot(qf) * sin).to(q.dtype), (kf * cos + rot(kf) * sin).to(k.dtype)
+
+
+def _batched_vision_attention_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                                      position_embeddings=None, **kwargs) -> torch.Tensor:
+    """Qwen3-VL vision attention over equally sized images: one SDPA call on [images, heads, patches, dim].
+
+    transformers' non-flash path splits the packed sequence by `cu_seqlens.tolist()` (a host sync per layer)
+    and calls attention once per image (~2 x 64 small kernels per layer at batch 32). Every image the policy
+    feeds has `image_size` pixels (the processor resizes all cameras), so the packed sequence is a plain
+    [images, patches] grid and block-diagonal attention is batched attention. Anything else (a sequence that
+    is not a whole number of images) takes transformers' own forward.
+    """
+    seq = hidden_states.shape[0]
+    per = self._wmvla_patches_per_image
+    if not self._wmvla_batched or position_embeddings is None or seq % per:
+        return self._wmvla_hf_forward(hidden_states, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings,
+                                      **kwargs)
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = _rotary_vision(q, k, *position_embeddings)
+    n = seq // per
+    q, k, v = (t.reshape(n, per, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(seq, -1))
+
+
+def batch_vision_attention(model: nn.Module, patches_per_image: int) -> int:
+    """Route every Qwen3-VL vision attention module of `model` through `_batched_vision_attention_forward`
+    (patches_per_image = (image_size / patch_size)^2). Returns the number of modules changed."""
+    import types
+
+    n = 0
+    for module in model.visual.modules():
+        if type(module).__name__ == "Qwen3VLVisionAttention" and not hasattr(module, "_wmvla_hf_forward"):
+            module._wmvla_hf_forward = module.forward
+            module._wmvla_patches_per_image = int(patches_per_image)
+            module._wmvla_batched = True  # set_batched_vision_attention(model, False): transformers' path
+            module.forward = types.MethodType(_batched_vision_attention_forward, module)
+            n += 1
+    return n
+
+
+def set_batched_vision_attention(model: nn.Module, on: bool) -> None:
+    """Switch modules routed by `batch_vision_attention` between the batched and transformers' path (the
+    equivalence checks compare the two on one model)."""
+    for module in model.visual.modules():
+        if hasattr(module, "_wmvla_batched"):
+            module._wmvla_batched = bool(on)
+
+
 class VLBackbone(nn.Module):
     """A Qwen-VL base model + its tokenizer + the ACT-token embedding; forward -> last hidden state [B, L, d]."""
 
@@ -362,6 +420,9 @@ class VLBackbone(nn.Module):
         self.merged_grid = cfg.image_size // factor  # merged tokens per image side
         self.tokens_per_image = self.merged_grid**2
         self.vectorized_positions = cfg.vectorized_positions
+        self.batched_vision_attention = 0
+        if cfg.batched_vision_attention and self.family == "qwen3_vl":  # Qwen2.5-VL attends in windows: as is
+            self.batched_vision_attention = batch_vision_attention(model, (cfg.image_size // self.patch_size) ** 2)
 
     # -------------------------------------------------------------------------------------------- parts
 

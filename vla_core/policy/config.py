@@ -124,6 +124,13 @@ class PolicyConfig:
     frozen_dtype: str = "auto"
     """dtype of frozen backbone weights: "auto" (bfloat16 when CUDA is available, else float32), "bfloat16", "float32\""""
     gradient_checkpointing: bool = False
+    """recompute each decoder layer / vision block in the backward pass instead of keeping its activations
+    (about a third more compute, a fraction of the activation memory); the trainer's memory plan
+    (`--memory-plan auto`) turns it on when the GPU needs it"""
+    batched_vision_attention: bool = True
+    """Qwen3-VL vision tower: one scaled_dot_product_attention call per layer over all images of the batch
+    ([images, heads, patches, dim]; every image has the same size here) instead of transformers' one call
+    per image after a `cu_seqlens.tolist()` host sync per layer. Same function (tested); off = transformers' path"""
 
     def __post_init__(self) -> None:
         self.camera_keys = tuple(self.camera_keys)

@@ -100,14 +100,36 @@ class VLAPolicy(nn.Module):
         # (paired ablations compare the same flow noise).
         self.memory_rng = torch.Generator().manual_seed(cfg.init_seed + 7)
         self._configure_finetuning()
+        self._autocast_cache = True
         if cfg.gradient_checkpointing:
-            model = self.backbone.model
-            kwargs = {"use_reentrant": False}  # frozen embeddings: the reentrant variant would drop gradients
-            if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            self.enable_gradient_checkpointing()
         self.check_precision()
+
+    def compile_blocks(self) -> int:
+        """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
+        checkpoints unchanged; all layers of a kind share one compiled graph). Fuses the elementwise work between
+        the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the number of modules."""
+        import torch._dynamo
+
+        # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        blocks = list(self.backbone.language_model.layers) + list(getattr(self.backbone.vision_tower, "blocks", []))
+        for block in blocks:
+            block.compile()
+        return len(blocks)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every decoder layer / vision block in backward (the trainer's memory plan may call this
+        after building the policy). Autocast's cache of bf16 weight copies is turned off with it: under
+        checkpointing the forward keeps no activations, and the cache alone would hold a bf16 copy of every
+        fp32 trainable weight (4.3 GB for 2B) until the forward ends; a re-cast per layer costs far less."""
+        model = self.backbone.model
+        kwargs = {"use_reentrant": False}  # frozen embeddings: the reentrant variant would drop gradients
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._autocast_cache = False
 
     @classmethod
     def from_config(cls, cfg: PolicyConfig, stats: Mapping) -> "VLAPolicy":
@@ -251,7 +273,7 @@ class VLAPolicy(nn.Module):
         device_type = self.device.type
         if not self.cfg.autocast_bf16:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=self._autocast_cache)
 
     # -------------------------------------------------------------------------------------------- model
 

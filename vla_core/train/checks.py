@@ -7,7 +7,8 @@
 - `ParamSnapshot` + `check_first_step`: after the first optimizer step every trainable parameter that
   received a gradient has changed, none received an all-zero/absent gradient unless explicitly allowed,
   and no frozen parameter changed.
-- `check_optimizer_state_fp32`: Adam moments are fp32 after the first step.
+- `check_optimizer_state_fp32`: Adam moments are fp32 after the first step (or the dtype an optimizer with
+  fp32 master weights declares as its `state_dtype`: `train.optim.AdamWLowMem`'s bf16 moments).
 
 Under FSDP (`--distributed fsdp`) parameters and gradients are DTensors: the fingerprints and gradient
 statistics are taken of each process's local shard and combined with `reduce_max` (an all-reduce MAX over
@@ -55,14 +56,19 @@ def check_optimizer_covers(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def check_optimizer_state_fp32(optimizer: torch.optim.Optimizer) -> None:
+    """Moments in the optimizer's declared `state_dtype` (float32 unless it declares one), weights fp32."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    want = getattr(inner, "state_dtype", torch.float32)
     bad = []
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if p.dtype != torch.float32:
+                bad.append(f"parameter:{p.dtype}")
             for k, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.numel() > 1 and v.dtype != torch.float32:
+                if torch.is_tensor(v) and v.numel() > 1 and v.dtype != want:
                     bad.append(f"{k}:{v.dtype}")
     if bad:
-        raise WmvlaError(f"optimizer state must be float32, found {_short(sorted(set(bad)))}")
+        raise WmvlaError(f"optimizer state must be {want} on float32 weights, found {_short(sorted(set(bad)))}")
 
 
 class ParamSnapshot:

@@ -63,6 +63,14 @@ class OptimConfig:
     """max global gradient norm (0 = no clipping)"""
     ema_decay: float = 0.0
     """EMA of the trainable weights (0 = off); when on, validation and the saved policy use the EMA weights"""
+    micro_batch: int = 0
+    """samples per forward/backward inside a step (0 = the whole batch_size): each loaded batch is split and
+    its gradients accumulated, the step unchanged. Set by the memory plan under `--memory-plan auto`"""
+    adam_state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Adam moments' dtype (weights stay fp32 masters; train/optim.py). Set by the memory plan under auto"""
+    ema_dtype: Literal["float32", "bfloat16"] = "float32"
+    """EMA storage: float32 copy, or bfloat16 *offset* from the fp32 weights (train/optim.py; needs the
+    AdamWLowMem optimizer, used then). Set by the memory plan under `--memory-plan auto`"""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -74,6 +82,11 @@ class OptimConfig:
             problems.append(f"lr={self.lr} (expected > 0)")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay={self.ema_decay} (expected 0 = off, or in (0, 1))")
+        if self.micro_batch < 0:
+            problems.append(f"micro_batch={self.micro_batch} (expected 0 = whole batch, or >= 1)")
+        for name in ("adam_state_dtype", "ema_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                problems.append(f"{name}={getattr(self, name)!r} (expected float32 or bfloat16)")
         if problems:
             raise WmvlaError("invalid OptimConfig: " + "; ".join(problems))
 
@@ -142,6 +155,13 @@ class TrainConfig:
     """with several processes (accelerate launch / torchrun): ddp = replicated weights; fsdp = weights,
     gradients and AdamW state sharded over the processes (PyTorch FSDP2, per decoder layer / vision block),
     for full fine-tuning of 4B/8B backbones. Same steps, same checkpoints; ignored with one process"""
+    compile: bool = False
+    """torch.compile the backbone's decoder layers and vision blocks for training (`VLAPolicy.compile_blocks`;
+    the same loss and gradients, tested; evaluation stays eager). On in the GPU presets"""
+    memory_plan: Literal["auto", "off"] = "auto"
+    """on a GPU, auto picks activation checkpointing, micro-batches and bf16 Adam/EMA states from the GPU's
+    memory (train/memory.py: the fastest settings whose estimate fits; a cell that cannot fit stops before its
+    first step naming the fix) and overrides those four fields; off = use them as configured"""
     progress: bool = True
     """rich progress bar"""
     stop_after: int | None = None
@@ -152,6 +172,8 @@ class TrainConfig:
             raise WmvlaError(f"experiment={self.experiment!r}; expected one of {list(EXPERIMENTS)}")
         if self.distributed not in ("ddp", "fsdp"):
             raise WmvlaError(f"distributed={self.distributed!r}; expected ddp or fsdp")
+        if self.memory_plan not in ("auto", "off"):
+            raise WmvlaError(f"memory_plan={self.memory_plan!r}; expected auto or off")
         if self.mean_baseline_check not in ("fail", "warn", "off"):
             raise WmvlaError(f"mean_baseline_check={self.mean_baseline_check!r}; expected fail|warn|off")
         # The experiment decides the memory; anything else would make E0..E3 labels lie.
@@ -261,6 +283,7 @@ def preset_metaworld_gpu() -> TrainConfig:
         val_every=1000,
         ckpt_every=2000,
         num_workers=8,
+        compile=True,
     )
 
 
@@ -282,6 +305,7 @@ def preset_libero_2b() -> TrainConfig:
         val_every=2000,
         ckpt_every=2000,
         num_workers=8,
+        compile=True,
     )
 
 

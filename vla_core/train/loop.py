@@ -162,8 +162,11 @@ def global_loss_weights(policy, micro_batches: list[dict], accelerator) -> tuple
     return [tuple(map(float, w)) for w in weights], [tuple(map(float, s)) for s in shares]
 
 
-def build_optimizer(policy, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW over exactly `policy.trainable_parameters()`; groups: decay or not x backbone or new modules."""
+def build_optimizer(policy, cfg: TrainConfig, fused: bool, plan=None) -> torch.optim.Optimizer:
+    """AdamW over exactly `policy.trainable_parameters()`; groups: decay or not x backbone or new modules.
+
+    torch's (fused on GPU) AdamW with fp32 moments, unless the memory plan (or the config, without a plan) asks
+    for bf16 Adam moments or the bf16-offset EMA: then `train.optim.AdamWLowMem` (the same update, fp32 masters)."""
     o = cfg.optim
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in policy.trainable_parameters():
@@ -177,6 +180,12 @@ def build_optimizer(policy, cfg: TrainConfig, fused: bool) -> torch.optim.Optimi
         for (decay, backbone), ps in sorted(groups.items())
     ]
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    adam_dtype = plan.adam_state_dtype if plan is not None else o.adam_state_dtype
+    ema_dtype = plan.ema_dtype if plan is not None else o.ema_dtype
+    if adam_dtype != "float32" or (ema_dtype != "float32" and o.ema_decay > 0):
+        from vla_core.train.optim import AdamWLowMem
+
+        return AdamWLowMem(param_groups, state_dtype=adam_dtype, **kwargs)
     if fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups, **kwargs)
@@ -371,6 +380,14 @@ def train(cfg: TrainConfig) -> dict:
         shard_policy,
     )
     from vla_core.train.logger import TrainLogger
+    from vla_core.train.memory import (
+        configured_plan,
+        device_total_memory,
+        oom_message,
+        plan_memory,
+        shape_of,
+        split_batch,
+    )
     from vla_core.train.sampler import ResumableBatchSampler
     from vla_core.train.schedule import set_lr
 
@@ -423,6 +440,33 @@ def train(cfg: TrainConfig) -> dict:
     fsdp = rcfg.distributed == "fsdp" and world_size > 1
     if rcfg.distributed == "fsdp" and world_size == 1:
         say("train: --distributed fsdp with one process: nothing to shard, training unsharded")
+    # ---- memory plan: checkpointing / micro-batches / bf16 optimizer + EMA states for this GPU (train/memory.py)
+    o = rcfg.optim
+    plan = None
+    total_memory = device_total_memory(accelerator.device)
+    if total_memory is not None:
+        shape = shape_of(policy, len(rcfg.policy.camera_keys))
+        shards = world_size if fsdp else 1
+        if rcfg.memory_plan == "auto":
+            plan = plan_memory(shape, o.batch_size, o.ema_decay > 0, total_memory, shards)  # raises if nothing fits
+            if plan.gradient_checkpointing and not rcfg.policy.gradient_checkpointing:
+                policy.enable_gradient_checkpointing()
+        else:
+            plan = configured_plan(shape, o, rcfg.policy.gradient_checkpointing, o.ema_decay > 0, total_memory,
+                                   shards)
+            if plan.states_bytes > total_memory:  # cannot fit whatever the activations: say so before step 1
+                raise WmvlaError(oom_message(plan, RuntimeError("the weights, gradients and optimizer/EMA states "
+                                                                "alone exceed the GPU")))
+        say(f"train: memory plan: {plan.summary()}")
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "memory_plan.json", plan.to_dict())
+    if fsdp and plan is not None and (plan.adam_state_dtype != "float32" or plan.ema_dtype != "float32"):
+        raise WmvlaError("--distributed fsdp shards fp32 Adam moments and EMA; bf16 states are for one process. "
+                         "Use --optim.adam-state-dtype float32 --optim.ema-dtype float32 (or --memory-plan auto)")
+    micro_batch = plan.micro_batch if plan is not None else o.micro_batch
+    if rcfg.compile and not fsdp:  # FSDP2 + compiled blocks is not measured here: it runs eager
+        say(f"train: torch.compile of {policy.compile_blocks()} decoder layers / vision blocks (first steps compile)")
     if ckpt is not None:  # whole tensors, before sharding (every rank reads the checkpoint)
         load_trained_weights(policy, ckpt, use_ema=False)
     # the frozen weights never change (checked after the first steps): fingerprint them once, while whole
@@ -434,8 +478,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         policy.to(accelerator.device)
     reduce_max = all_reduce_max if fsdp else None
-    o = rcfg.optim
-    optimizer = build_optimizer(policy, rcfg, fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(policy, rcfg, fused=accelerator.device.type == "cuda", plan=plan)
     check_fp32_trainable(policy)
     check_optimizer_covers(policy, optimizer)
     summary_counts = policy.trainable_summary()
@@ -444,7 +487,13 @@ def train(cfg: TrainConfig) -> dict:
     say(f"train: parameters {summary_counts}")
     say(f"train: prompt example: {policy.processor.prompt_text(ds.tasks_of([0], rcfg.keys.instruction_key)[0])!r}")
 
-    ema = EMA(dict(policy.trainable_parameters()), o.ema_decay) if o.ema_decay > 0 else None
+    ema = None
+    if o.ema_decay > 0 and (plan.ema_dtype if plan is not None else o.ema_dtype) == "bfloat16":
+        from vla_core.train.optim import OffsetEMA
+
+        ema = OffsetEMA(dict(policy.trainable_parameters()), o.ema_decay, optimizer)  # updated inside the step
+    elif o.ema_decay > 0:
+        ema = EMA(dict(policy.trainable_parameters()), o.ema_decay)
     step = 0
     if ckpt is not None:
         # FSDP: every rank reads the whole optimizer state and keeps its shard; memory-mapped, so the host
@@ -555,6 +604,7 @@ def train(cfg: TrainConfig) -> dict:
     window: dict[str, float] = {}
     n_window, t_window = 0, time.perf_counter()
     last_val = None
+    start_step = step
     t_start = time.perf_counter()
     try:
         while step < o.steps:
@@ -562,27 +612,31 @@ def train(cfg: TrainConfig) -> dict:
             if step < check_until and snapshot is None:
                 snapshot = ParamSnapshot(policy)
             diag: dict[str, float] = {}
-            micro_batches = [next(data_iter) for _ in range(o.grad_accum)]
+            # each loaded batch may be split into micro-batches (memory plan): the same global-batch gradient
+            micro_batches = [m for _ in range(o.grad_accum) for m in split_batch(next(data_iter), micro_batch)]
+            n_micro = len(micro_batches)
             weights, shares = global_loss_weights(policy, micro_batches, accelerator)
+            first_step = step == start_step
             for micro, batch in enumerate(micro_batches):
-                sync = micro == o.grad_accum - 1
+                sync = micro == n_micro - 1
                 if fsdp:  # reduce-scatter the gradients only after the last micro-batch
                     model.set_requires_gradient_sync(sync)
-                with (contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(model)):
+                with (contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(model)), \
+                        _first_step_oom(first_step, plan, oom_message):
                     out = model(batch, loss_weights=weights[micro])
-                    loss = out["loss"] / o.grad_accum
+                    loss = out["loss"] / n_micro
                     if not torch.isfinite(out["action_loss"] + out["world_loss"]):
                         raise WmvlaError(f"step {step}: non-finite loss (action_loss {float(out['action_loss'])}, "
                                          f"world_loss {float(out['world_loss'])}) on process {rank}. "
                                          "Lower --optim.lr, check the data/latents for extreme values.")
                     accelerator.backward(loss)
                 # per-process values whose mean over processes is the global-batch value (see global_loss_weights)
-                diag["loss"] = diag.get("loss", 0.0) + float(out["loss"].detach()) / o.grad_accum
+                diag["loss"] = diag.get("loss", 0.0) + float(out["loss"].detach()) / n_micro
                 for k, share in (("action_loss", shares[micro][0]), ("world_loss", shares[micro][1])):
                     diag[k] = diag.get(k, 0.0) + float(out[k]) * share
                 for k in ("gate", "memory_norm", "attn_entropy"):
                     if k in out:
-                        diag[k] = diag.get(k, 0.0) + float(out[k].detach()) / o.grad_accum
+                        diag[k] = diag.get(k, 0.0) + float(out[k].detach()) / n_micro
             if world_size > 1:  # the logged values are the global batch's, not rank 0's
                 keys = list(diag)  # the same order on every rank
                 vals = accelerator.reduce(torch.tensor([diag[k] for k in keys], dtype=torch.float64,
@@ -595,7 +649,8 @@ def train(cfg: TrainConfig) -> dict:
                 grad_norm = full(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
             else:
                 grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-            optimizer.step()
+            with _first_step_oom(first_step, plan, oom_message):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update()
@@ -666,6 +721,17 @@ def train(cfg: TrainConfig) -> dict:
     if failure is not None:
         raise WmvlaError(failure)
     return summary
+
+
+@contextlib.contextmanager
+def _first_step_oom(first: bool, plan, message):
+    """An out-of-memory error in the first step becomes a WmvlaError naming the fix (not a bare OOM trace)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        if not first:
+            raise
+        raise WmvlaError(message(plan, e)) from e
 
 
 def _refuse_sharded_training(accelerator) -> None:
