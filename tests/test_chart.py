@@ -430,11 +430,11 @@ def fill_script() -> str:
     return command[2]
 
 
-def run_fill(hf_home: Path, *args: str, extra_groups=(IMAGE_UID,)) -> subprocess.CompletedProcess:
+def run_fill(hf_home: Path, *args: str, extra_groups=(IMAGE_UID,), extra_env=None) -> subprocess.CompletedProcess:
     """The fill Job's script as rendered, as its pod runs it: the images' user and group, the pod's fsGroup as
     a supplemental group, a container's umask, offline (no hub here), nothing of this process's environment."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "HF_HOME": str(hf_home),
-           "HF_HUB_OFFLINE": "1", "FILL_MAX_WORKERS": "2"}
+           "HF_HUB_OFFLINE": "1", "FILL_MAX_WORKERS": "2", **(extra_env or {})}
     return subprocess.run(as_image_user([sys.executable, "-c", fill_script(), *args], tuple(extra_groups)),
                           capture_output=True, text=True, env=env, timeout=120, umask=0o022)
 

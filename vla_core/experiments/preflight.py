@@ -175,7 +175,11 @@ def check_dataset(dataset: str, report: PreflightReport, hub_timeout_s: float) -
 def check_model_cache(models: list[tuple[str, str | None]], report: PreflightReport, hub_timeout_s: float) -> None:
     hf_home = os.environ.get(env_names.HF_HOME, "").strip()
     marker = None
-    if hf_home:
+    if hf_home and not Path(hf_home).is_dir():
+        # a pod always has its volume there; a local run (kfp.local applies the task's HF_HOME too) has none,
+        # and whatever is downloaded creates it
+        report.checked.append(f"{env_names.HF_HOME}={hf_home}: absent (no model-cache volume: a local run)")
+    elif hf_home:
         home = Path(hf_home)
         probe = home / f".{PROBE_PREFIX}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         try:
