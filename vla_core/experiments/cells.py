@@ -392,6 +392,11 @@ def report(items: list[dict], workdir: str) -> tuple[str, Path, dict]:
             raise WmvlaError(f"{run}: no results for cells {missing}")
     run_report(ReportConfig(run_root=local, print_table=False))
     publish_run(local, store)
+    # the run's last step: its jobs' groups leave the Pushgateway (Prometheus keeps what it scraped); the run
+    # label as label_job gives every job of this run
+    from vla_core import telemetry
+
+    telemetry.end_run(os.environ.get(env_names.RUN_ID) or run.rstrip("/").rsplit("/", 1)[-1])
     return run, local, json.loads((local / "summary.json").read_text())
 
 
