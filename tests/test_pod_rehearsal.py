@@ -15,8 +15,9 @@ was installed, and what every command run in an image imports checked against wh
   The work folder (the emptyDir at components.platform.WORKDIR) is a folder of the images' user.
 - OMP_NUM_THREADS=1: two tasks share this machine's 2 cores (kfp.local runs two loop iterations at once), as
   tests/test_pipeline_local.py's run does; a pod has its own CPU request instead.
-- Parameters: the tiny settings of tests/test_pipeline_local.py (dataset: MetaWorld experts; preset demo), the
-  results URI the chart's ConfigMap gives.
+- Parameters: the tiny settings of tests/test_pipeline_local.py (dataset: MetaWorld experts; preset demo) with one
+  cell, E2-flow (it reads the latents; the zero-memory ablation too), and the results URI the chart's ConfigMap
+  gives.
 - Instrumentation, the one addition to a task's environment: PYTHONPATH with a sitecustomize that records the
   top-level modules each task process imported, checked against the distributions the task's image installs
   (its extras in images/Dockerfile and their requirements); the fill Job's script likewise against the cpu image.
@@ -127,7 +128,7 @@ def test_pipeline_runs_as_its_pods(pod_tmp, s3_env):
     assert results_uri == "s3://rehearsal/runs"
 
     arguments = dict(dataset="metaworld", results_uri=results_uri, run_name="rehearsal", preset="demo",
-                     cells=["E0-mse", "E2-flow"], seeds=[0], steps=4, batch_size=8, eval_env="", eval_suite="",
+                     cells=["E2-flow"], seeds=[0], steps=4, batch_size=8, eval_env="", eval_suite="",
                      episodes=1, workers=1, ablations=["zero"], metaworld_tasks="button-press-topdown",
                      metaworld_episodes=2, workdir=str(work))
     (pod_tmp / "envs.json").write_text(json.dumps(envs))
@@ -144,7 +145,7 @@ def test_pipeline_runs_as_its_pods(pod_tmp, s3_env):
     pulled = pull_run(f"{results_uri}/rehearsal", pod_tmp / "pulled")
     assert pulled["complete"]
     summary = json.loads((pod_tmp / "pulled" / "summary.json").read_text())
-    assert set(summary["conditions"]) == {"E0-mse-none", "E2-flow-pred", "E2-flow-zero"}
+    assert set(summary["conditions"]) == {"E2-flow-pred", "E2-flow-zero"}
     # every file a task left in the work folder belongs to the images' user
     assert {p.stat().st_uid for p in work.rglob("*")} == {IMAGE_UID}
 
