@@ -266,3 +266,31 @@ def test_import_checks_catch_what_an_image_lacks(tmp_path):
     # followed through the project's modules: vla_core.storage's modules import numpy / yaml ... when imported
     through = third_party_imported("def f():\n    from vla_core.experiments import preflight\n", "f")
     assert through and "vla_core" not in through
+
+
+# ------------------------------------------------------------------ the compiled platform for a profile namespace
+
+
+def test_compiled_pods_suit_a_profile_namespace():
+    """Every task pod: no Istio sidecar, its work folder on a bounded emptyDir; the pre-flight first (every other
+    root task waits for it), on CPU with the model cache mounted; the GPU toleration's effect from the values."""
+    from components.platform import ISTIO_INJECT_LABEL
+
+    spec = compiled(Platform())
+    executors = spec["platform"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(spec["pipeline"]["deploymentSpec"]["executors"])
+    for name, ex in executors.items():
+        assert ex["podMetadata"]["labels"][ISTIO_INJECT_LABEL] == "false", name
+        (work,) = [m for m in ex["emptyDirMounts"] if m["mountPath"] == WORKDIR]
+        assert work["sizeLimit"] == MICROJOBS[microjob_of(spec, name)].resources.scratch
+    tasks = spec["pipeline"]["root"]["dag"]["tasks"]
+    assert "dependentTasks" not in tasks["preflight"]
+    roots = [t for t, body in tasks.items() if t != "preflight" and not set(body.get("dependentTasks", [])) - {"preflight"}]
+    assert roots and all("preflight" in tasks[t]["dependentTasks"] for t in roots), roots
+    pre = executors["exec-preflight"]
+    assert pre["pvcMount"][0]["mountPath"] == Platform().model_cache_mount and "nodeSelector" not in pre
+    assert "accelerator" not in spec["pipeline"]["deploymentSpec"]["executors"]["exec-preflight"]["container"].get(
+        "resources", {})
+    assert executors["exec-train-cell"]["tolerations"][0]["effect"] == "NoSchedule"
+    every = compiled(Platform.from_chart_values({"gpuPool": {"tolerationEffect": ""}}))
+    assert "effect" not in every["platform"]["deploymentSpec"]["executors"]["exec-train-cell"]["tolerations"][0]
