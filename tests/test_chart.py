@@ -375,6 +375,7 @@ BAD_VALUES = [
     ("modelCache:\n  accessModes: [ReadWriteMany]\n", "Name a class that offers it: modelCache.storageClassName="),
     ("podSecurityContext:\n  runAsUser: 2000\n", "podSecurityContext.runAsUser=2000: the images run as 10001:10001"),
     ("podSecurityContext:\n  fsGroup: 1000\n", "set podSecurityContext.fsGroup=10001"),
+    ("podSecurityContext:\n  runAsGroup: 0\n", "podSecurityContext.runAsGroup=0: the images run as 10001:10001"),
     ("metrics:\n  podMonitor:\n    enabled: true\n",
      "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor"),
     ("metrics:\n  podMonitor:\n    enabled: sometimes\n", "at '/metrics/podMonitor/enabled'"),

@@ -138,9 +138,10 @@ nodeAffinity:
 {{- end }}
 {{- $uid := include "wmvla.imageUid" . | int }}
 {{- range $key := list "runAsUser" "runAsGroup" "fsGroup" }}
-{{- with index $.Values.podSecurityContext $key }}
-{{- if ne (int .) $uid }}
-{{- fail (printf "podSecurityContext.%s=%v: the images run as %d:%d (images/Dockerfile USER) and the pipeline's GPU pods write to the model cache as that user; the fill Job must leave it owned by the same user: set podSecurityContext.%s=%d (or leave it out)" $key . $uid $uid $key $uid) }}
+{{- if hasKey $.Values.podSecurityContext $key }}
+{{- $v := index $.Values.podSecurityContext $key }}
+{{- if or (kindIs "invalid" $v) (ne (int $v) $uid) }}
+{{- fail (printf "podSecurityContext.%s=%v: the images run as %d:%d (images/Dockerfile USER) and the pipeline's GPU pods write to the model cache as that user; the fill Job must leave it owned by the same user: set podSecurityContext.%s=%d" $key $v $uid $uid $key $uid) }}
 {{- end }}
 {{- end }}
 {{- end }}
