@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.platform import IMAGE_UID, Platform
+from components.platform import IMAGE_UID, WORKDIR, Platform
 from pods import as_image_user
 from vla_core.experiments.preflight import MODEL_CACHE_MARKER
 from vla_core import env_names
@@ -123,7 +123,7 @@ def names_from_render(docs: list[dict]) -> dict:
     names["model_cache_pvc"] = pvc["metadata"]["name"]
     job = one(docs, "Job")
     pod = job["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == names["service_account"]
+    assert "serviceAccountName" not in pod  # the fill Job needs no account: the namespace's default, no token
     (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert vol["persistentVolumeClaim"]["claimName"] == names["model_cache_pvc"]
     (container,) = pod["containers"]
@@ -375,6 +375,8 @@ BAD_VALUES = [
     ("modelCache:\n  accessModes: [ReadWriteMany]\n", "Name a class that offers it: modelCache.storageClassName="),
     ("podSecurityContext:\n  runAsUser: 2000\n", "podSecurityContext.runAsUser=2000: the images run as 10001:10001"),
     ("podSecurityContext:\n  fsGroup: 1000\n", "set podSecurityContext.fsGroup=10001"),
+    ("modelCache:\n  mountPath: /tmp/wmvla/\n", "modelCache.mountPath=/tmp/wmvla/ is the pods' work folder"),
+    ("modelCache:\n  mountPath: /opt/venv\n", "modelCache.mountPath=/opt/venv is the images' Python"),
     ("podSecurityContext:\n  runAsGroup: 0\n", "podSecurityContext.runAsGroup=0: the images run as 10001:10001"),
     ("metrics:\n  podMonitor:\n    enabled: true\n",
      "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor"),
@@ -509,6 +511,8 @@ def test_fill_job_runs_as_the_images_user_without_sidecar_or_token():
     # the images' USER is the same user (tests/test_images.py checks every image ends with it)
     assert f"USER {IMAGE_UID}:{IMAGE_UID}" in (ROOT / "images" / "Dockerfile").read_text()
     assert MODEL_CACHE_MARKER in fill_script()
+    # the mount paths the chart keeps the model cache off are the pods' (components.platform.WORKDIR)
+    assert f'"{WORKDIR}" "the pods\' work folder' in (CHART / "templates" / "_helpers.tpl").read_text()
     # a Job name is a pod label value: <= 63 characters with the longest release name helm allows (53)
     long = one(render_named("r" * 53), "Job")
     assert len(long["metadata"]["name"]) <= 63

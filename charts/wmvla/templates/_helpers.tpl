@@ -149,6 +149,10 @@ nodeAffinity:
 {{- if and $mc.create (has "ReadWriteMany" $mc.accessModes) (not $mc.storageClassName) }}
 {{- fail "modelCache.accessModes has ReadWriteMany but modelCache.storageClassName is \"\" (the cluster's default class): most default classes (EBS, PD, Azure Disk, local-path) cannot bind ReadWriteMany, so the claim and every GPU pod would stay Pending. Name a class that offers it: modelCache.storageClassName=<efs-sc / filestore / cephfs / nfs-client ...> (kubectl get storageclass), or use modelCache.accessModes={ReadWriteOnce} (then every pod that mounts the cache runs on one node)" }}
 {{- end }}
+{{- $taken := dict "/" "the root filesystem" "/tmp" "the fill Job's /tmp" "/tmp/wmvla" "the pods' work folder (components.platform.WORKDIR)" "/dev/shm" "the pods' shared memory" "/home/wmvla" "the images' HOME" "/opt/venv" "the images' Python" }}
+{{- with get $taken (trimSuffix "/" $mc.mountPath | default "/") }}
+{{- fail (printf "modelCache.mountPath=%s is %s: the pods could not mount the model cache there; use another folder, e.g. /models (the default)" $mc.mountPath .) }}
+{{- end }}
 {{- $pm := .Values.metrics.podMonitor.enabled }}
 {{- if and (kindIs "bool" $pm) $pm (not (include "wmvla.podMonitorApi" .)) }}
 {{- fail "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor (prometheus-operator's CRD): install prometheus-operator (kube-prometheus-stack), or set metrics.podMonitor.enabled=auto (rendered only where the CRD is) or false. helm template: pass --api-versions monitoring.coreos.com/v1/PodMonitor" }}
