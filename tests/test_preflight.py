@@ -5,7 +5,6 @@ images' user, an environment of its own) for the failures a cluster admin would 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
