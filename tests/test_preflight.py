@@ -89,3 +89,16 @@ def test_preflight_in_a_pod_names_every_problem_with_its_fix(pod_tmp, s3_server)
     assert f"HF_HOME={hf}: not writable by uid 10001" in err and "chown 10001:10001" in err
     assert "model acme/vlm: needed by this run" in err
     assert "not-the-secret" not in err and s3_server.secret_key not in err  # secrets never in logs
+
+
+def test_wmvla_preflight_command(tmp_path, s3_env, capsys):
+    """The same checks from a shell: exit 0 and what passed, or exit 2 and every problem with its fix."""
+    from vla_core.cli import main
+
+    bucket = s3_env.create_bucket("preflight-cli")
+    assert main(["preflight", "--results-uri", f"{bucket}/runs", "--dataset", "metaworld", "--preset", "tiny"]) == 0
+    assert "preflight: every check passed" in capsys.readouterr().out
+    assert main(["preflight", "--results-uri", f"{bucket}/runs", "--dataset", str(tmp_path / "nothing"),
+                 "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"dataset {tmp_path / 'nothing'}: no folder with meta/info.json here" in err and "fix:" in err

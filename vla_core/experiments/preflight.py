@@ -248,3 +248,29 @@ def preflight(results_uri: str, dataset: str, preset: str, backbone: str = "", w
         raise PreflightError("pre-flight found " + str(len(report.problems)) + " problem(s) before any GPU pod:\n"
                              + "\n".join(f"- {p}" for p in report.problems))
     return report
+
+
+@dataclass
+class PreflightConfig:
+    """The pipeline's pre-flight checks from a shell (a pod of the cpu image, or a laptop with the same
+    environment): the results location writable, the dataset reachable, the model cache holding what the run
+    needs. Exit 0 when every check passes, 2 with every problem and its fix otherwise."""
+
+    results_uri: str = ""
+    """s3://bucket/prefix or a folder ("" = WMVLA_RESULTS_URI, as the chart's ConfigMap gives pods)"""
+    dataset: str = "metaworld"
+    """s3:// URI, folder, hub dataset id, or metaworld (as the pipeline's `dataset` parameter)"""
+    preset: str = "libero-2b"
+    backbone: str = ""
+    """"" = the preset's"""
+    world_encoder: str = ""
+    """"" = the preset's"""
+    window: int = 0
+    hub_timeout_s: float = 10.0
+
+
+def run_preflight(cfg: PreflightConfig) -> int:
+    preflight(cfg.results_uri, cfg.dataset, cfg.preset, backbone=cfg.backbone, world_encoder=cfg.world_encoder,
+              window=cfg.window, hub_timeout_s=cfg.hub_timeout_s)
+    print("preflight: every check passed")
+    return 0
