@@ -27,7 +27,20 @@ class Resources:
     memory: str
     gpus: int = 0
     shm: str = ""  # a memory-backed /dev/shm of this size ("" = none): DataLoader workers, env workers
+    # the work folder (WORKDIR) on an emptyDir of at most this size rather than the container layer: what a
+    # pod downloads and writes there is bounded by the volume's sizeLimit (kfp-kubernetes 2.17 cannot set an
+    # ephemeral-storage request; the limit names the volume when the kubelet evicts a pod past it)
+    scratch: str = "20Gi"
 
+
+# the user and group every image runs as (images/Dockerfile USER) and the chart's pods run as (the model-cache
+# fill Job leaves HF_HOME owned by it, and the GPU pods write there): tests/test_chart.py checks all three agree
+IMAGE_UID = 10001
+# the pipeline's default work folder (pipelines/matrix.py `workdir`), mounted as an emptyDir in every pod
+WORKDIR = "/tmp/wmvla"
+# Istio (Kubeflow profile namespaces inject sidecars): a task pod with a sidecar does not complete while the
+# proxy runs, and under STRICT mTLS a sidecar-less Pushgateway is the only thing both can reach
+ISTIO_INJECT_LABEL = "sidecar.istio.io/inject"
 
 # the kinds of microjob image = the build targets of images/Dockerfile (tests/test_images.py checks both agree)
 IMAGE_KINDS = ("cpu", "train", "eval")
@@ -61,6 +74,7 @@ class Platform:
     gpu_node_value: str = "NVIDIA-L40S"
     gpu_resource: str = "nvidia.com/gpu"
     gpu_toleration_key: str = "nvidia.com/gpu"
+    gpu_toleration_effect: str = "NoSchedule"  # "" = every effect of the key
 
     # image pull secrets of the namespace (chart: images.pullSecrets), compiled into every task: a run submitted
     # with another service account than the chart's (which carries them too) still pulls from a private registry
@@ -133,6 +147,7 @@ _CHART_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("gpu_node_value", "gpuPool.nodeValue", str),
     ("gpu_resource", "gpuPool.resource", str),
     ("gpu_toleration_key", "gpuPool.tolerationKey", str),
+    ("gpu_toleration_effect", "gpuPool.tolerationEffect", str),
 )
 
 
@@ -160,6 +175,7 @@ def _chart_value(values: dict, path: str, kind: type):
 class Microjob:
     image: str  # a kind of IMAGE_KINDS
     resources: Resources
+    model_cache: bool = False  # mounts the chart's model-cache volume as HF_HOME (and gets the HF token)
 
 
 # What each microjob of pipelines/matrix.py asks for. GPU jobs are sized for one GPU of an L40S node
@@ -168,10 +184,12 @@ class Microjob:
 # (worker batches travel through shared memory). CPU jobs stay off the GPU pool (no selector, no toleration).
 MICROJOBS: dict[str, Microjob] = {
     "plan": Microjob("cpu", Resources(cpu="500m", memory="1Gi")),
+    # checks the results store, the dataset and the model cache with a pod's own environment before any GPU pod
+    "preflight": Microjob("cpu", Resources(cpu="250m", memory="1Gi", scratch="1Gi"), model_cache=True),
     "dataset": Microjob("eval", Resources(cpu="4", memory="16Gi", shm="2Gi")),  # MetaWorld experts render
-    "latents": Microjob("train", Resources(cpu="8", memory="64Gi", gpus=1, shm="16Gi")),
-    "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi")),
-    "evaluate": Microjob("eval", Resources(cpu="16", memory="64Gi", gpus=1, shm="8Gi")),
+    "latents": Microjob("train", Resources(cpu="8", memory="64Gi", gpus=1, shm="16Gi", scratch="100Gi"), model_cache=True),
+    "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi", scratch="150Gi"), model_cache=True),
+    "evaluate": Microjob("eval", Resources(cpu="16", memory="64Gi", gpus=1, shm="8Gi", scratch="100Gi"), model_cache=True),
     "report": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
     # evaluation shards: plan (needs LIBERO's task lists: eval image, CPU pool) and merge (records only)
     "plan-shards": Microjob("eval", Resources(cpu="500m", memory="2Gi")),
@@ -202,6 +220,7 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
     task.set_env_variable(env_names.MICROJOB, microjob)
     kubernetes.add_pod_label(task, platform.part_of_label, platform.part_of_value)
     kubernetes.add_pod_label(task, platform.microjob_label, microjob)
+    kubernetes.add_pod_label(task, ISTIO_INJECT_LABEL, "false")
     # the object store: credentials from the Secret, endpoint / region / results URI from the ConfigMap
     if platform.store_secret:  # "" under workload identity: credentials come with the service account
         kubernetes.use_secret_as_env(task, platform.store_secret, {k: k for k in platform.secret_env})
@@ -214,13 +233,16 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
         env_names.PUSHGATEWAY_URL: env_names.PUSHGATEWAY_URL, env_names.METRICS_PORT: env_names.METRICS_PORT})
     if r.shm:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=r.shm)
+    kubernetes.empty_dir_mount(task, volume_name="work", mount_path=WORKDIR, size_limit=r.scratch)
     if r.gpus:  # (never under cpu_only: CPU_ONLY_RESOURCES has none)
         if gpus is not None and not isinstance(gpus, int) and getattr(gpus, "channel_type", "String") != "String":
             raise TypeError(f"apply_platform({microjob!r}): the GPU count parameter must be a str pipeline parameter "
                             f"(the KFP driver resolves resource placeholders as strings), found {gpus.channel_type}")
         task.set_accelerator_type(platform.gpu_resource).set_accelerator_limit(gpus if gpus is not None else r.gpus)
         kubernetes.add_node_selector(task, platform.gpu_node_label, platform.gpu_node_value)
-        kubernetes.add_toleration(task, key=platform.gpu_toleration_key, operator="Exists", effect="NoSchedule")
+        kubernetes.add_toleration(task, key=platform.gpu_toleration_key, operator="Exists",
+                                  effect=platform.gpu_toleration_effect or None)
+    if job.model_cache:
         if platform.hf_secret:  # "" = public models only
             kubernetes.use_secret_as_env(task, platform.hf_secret, {platform.hf_env: platform.hf_env}, optional=True)
         kubernetes.mount_pvc(task, platform.model_cache_pvc, platform.model_cache_mount)

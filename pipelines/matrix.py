@@ -1,6 +1,7 @@
 """The experiment matrix as a Kubeflow pipeline: the graph only.
 
-    plan (CPU) -> prepare dataset (CPU, cached) -> cache latents (1 GPU, cached)
+    pre-flight (CPU: results writable, dataset reachable, model cache filled; fails in seconds)
+      -> plan (CPU) -> prepare dataset (CPU, cached) -> cache latents (1 GPU, cached)
       -> ParallelFor cell in cells x seeds:  train cell (GPU pool, `gpus_per_cell` GPUs, retried)
                                              -> plan shards -> ParallelFor shard: evaluate shard (GPU pool,
                                                 EGL, retried, resumes from its prefix) -> merge shards (CPU)
@@ -21,6 +22,7 @@ from components.merge_shards import merge_shards
 from components.plan import plan_matrix
 from components.plan_shards import plan_shards
 from components.platform import DEFAULT, Platform, apply_platform
+from components.preflight import preflight
 from components.report import report
 from components.train import train_cell
 from vla_core.experiments.cells import DEFAULT_CELLS
@@ -77,13 +79,18 @@ def build(platform: Platform = DEFAULT):
         segment; results land in <results_uri>/<run>/. gpus_per_cell: a whole number as text ("2"): the KFP
         driver sets the GPU limit from a string parameter only. eval_shards: pods each cell's evaluation is split
         into (0 = sized for the suite: MetaWorld 1, LIBERO at most 9 waves of `workers` episodes per shard)."""
+        # first, on a CPU pod with the pods' own environment: nothing else starts until it passed
+        check = preflight(results_uri=results_uri, dataset=dataset, preset=preset, backbone=backbone,
+                          world_encoder=world_encoder, window=window)
+        apply_platform(check, platform, "preflight").set_caching_options(False)
+
         plan = plan_matrix(
             preset=preset, backbone=backbone, world_encoder=world_encoder, window=window, steps=steps,
             batch_size=batch_size, cells=cells, seeds=seeds, eval_env=eval_env, eval_suite=eval_suite,
             eval_tasks=eval_tasks, episodes=episodes, workers=workers, ablations=ablations, results_uri=results_uri,
             run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, device=device,
             render_backend=render_backend, gpus_per_cell=gpus_per_cell)
-        apply_platform(plan, platform, "plan").set_caching_options(False)
+        apply_platform(plan, platform, "plan").set_caching_options(False).after(check)
 
         data = prepare_dataset(
             source=dataset, results_uri=results_uri, workdir=workdir, metaworld_tasks=metaworld_tasks,

@@ -228,6 +228,9 @@ if [ "$LOCAL_BASE" = 1 ]; then
     # the CI's pipeline job needs only the pipeline extra: the cpu image (which has no train extra) compiles it
     log "check cpu: wmvla pipeline compile against these images"
     run_in cpu sh -c "wmvla pipeline compile --registry '$REGISTRY' --tag '$TAG' --out /tmp/matrix.yaml >/dev/null && grep -c 'image: $REGISTRY/' /tmp/matrix.yaml"
+    # the chart's model-cache fill Job and the pipeline's pre-flight step run in the cpu image
+    log "check cpu: huggingface_hub (the fill Job) and the pre-flight step import"
+    run_in cpu python -c "import huggingface_hub; from vla_core.experiments.preflight import preflight; print('hub', huggingface_hub.__version__)"
   fi
   for kind in $KINDS; do
     case "$kind" in cpu|eval) ;; *) continue ;; esac

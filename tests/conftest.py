@@ -52,3 +52,22 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture
+def pod_tmp():
+    """A temporary folder other users can reach (pytest's tmp_path lives under a 0700 folder of root's): for
+    processes run as the images' user (components.platform.IMAGE_UID), as a pod's would be. Removed after."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pods import can_switch_user
+
+    if not can_switch_user():
+        pytest.skip("running a process as the images' user needs root and setpriv (util-linux)")
+    path = Path(tempfile.mkdtemp(prefix="wmvla-pod-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.platform import Platform
+from components.platform import IMAGE_UID, WORKDIR, Platform
+from pods import as_image_user
+from vla_core.experiments.preflight import MODEL_CACHE_MARKER
 from vla_core import env_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,8 @@ NAMESPACE = "wmvla-test"
 # Objects validated against something other than Kubernetes' own schemas (kubernetes-validate has none
 # for custom resources): the PodMonitor goes through prometheus-operator's CRD models instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+# a cluster with prometheus-operator: the PodMonitor (enabled: auto) renders only where its API is served
+WITH_CRD = ["--api-versions", "monitoring.coreos.com/v1/PodMonitor"]
 
 
 @functools.cache
@@ -88,7 +92,9 @@ CREATE_ALL = ["--set", "objectStore.credentials.source=create",
               "--set", "objectStore.credentials.secretAccessKey=sentinel-store-secret-0123456789",
               "--set", "huggingface.token.value=hf_sentinel_token_0123456789",
               "--set", "modelCache.create=true", "--set", "priorityClass.create=true",
-              "--set", "serviceAccount.create=true"]
+              "--set", "serviceAccount.create=true",
+              # the pods' PodMonitor (it spells the part-of and microjob labels) needs its API and no Pushgateway
+              *WITH_CRD, "--set", "metrics.pushgateway.enabled=false", "--set", "metrics.pushgatewayUrl="]
 
 
 def create_all(case: str) -> list[str]:
@@ -117,7 +123,7 @@ def names_from_render(docs: list[dict]) -> dict:
     names["model_cache_pvc"] = pvc["metadata"]["name"]
     job = one(docs, "Job")
     pod = job["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == names["service_account"]
+    assert "serviceAccountName" not in pod  # the fill Job needs no account: the namespace's default, no token
     (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert vol["persistentVolumeClaim"]["claimName"] == names["model_cache_pvc"]
     (container,) = pod["containers"]
@@ -183,9 +189,8 @@ def test_notes_render(case):
 def test_rendered_objects_valid_for_kubernetes(case):
     import kubernetes_validate
 
-    docs = render(*case_args(case))
-    assert {d["kind"] for d in docs} >= {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job",
-                                         "PodMonitor"}
+    docs = render(*case_args(case), *WITH_CRD)
+    assert {d["kind"] for d in docs} >= {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"}
     errors = []
     for version in K8S_VERSIONS:
         for doc in docs:
@@ -244,7 +249,10 @@ def podmonitor_problems(doc: dict) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_podmonitor_valid_for_its_crd(case):
-    monitors = [d for d in render(*case_args(case)) if d["kind"] == "PodMonitor"]
+    monitors = [d for d in render(*case_args(case), *WITH_CRD) if d["kind"] == "PodMonitor"]
+    if case == "onprem-seaweedfs":  # pods push to the lab's Pushgateway: nothing of this chart's to scrape
+        assert monitors == []
+        monitors = [d for d in render(*case_args(case), *create_all(case)) if d["kind"] == "PodMonitor"]
     assert monitors
     for doc in monitors:
         assert podmonitor_problems(doc) == [], doc["metadata"]["name"]
@@ -360,7 +368,22 @@ BAD_VALUES = [
     ("serviceAccount: null\n", "serviceAccount"),
     # a cross-field rule worded by the chart itself (templates/_helpers.tpl wmvla.validate)
     ("objectStore:\n  credentials:\n    source: workloadIdentity\n",
-     "objectStore.credentials.source=workloadIdentity needs the cloud role on the service account"),
+     "objectStore.credentials.source=workloadIdentity needs the AWS role on the service account"),
+    # what would install but break a run: each refused with the fix in the message
+    ("serviceAccount:\n  annotations:\n    iam.gke.io/gcp-service-account: a@b.iam.gserviceaccount.com\n",
+     "GKE workload identity gives Google credentials, but wmvla's object store is S3"),
+    ("modelCache:\n  accessModes: [ReadWriteMany]\n", "Name a class that offers it: modelCache.storageClassName="),
+    ("podSecurityContext:\n  runAsUser: 2000\n", "podSecurityContext.runAsUser=2000: the images run as 10001:10001"),
+    ("podSecurityContext:\n  fsGroup: 1000\n", "set podSecurityContext.fsGroup=10001"),
+    ("modelCache:\n  mountPath: /tmp/wmvla/\n", "modelCache.mountPath=/tmp/wmvla/ is the pods' work folder"),
+    ("modelCache:\n  mountPath: /opt/venv\n", "modelCache.mountPath=/opt/venv is the images' Python"),
+    ("podSecurityContext:\n  runAsGroup: 0\n", "podSecurityContext.runAsGroup=0: the images run as 10001:10001"),
+    ("metrics:\n  podMonitor:\n    enabled: true\n",
+     "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor"),
+    ("metrics:\n  podMonitor:\n    enabled: sometimes\n", "at '/metrics/podMonitor/enabled'"),
+    ("gpuPool:\n  tolerationEffect: NoScheduling\n", "at '/gpuPool/tolerationEffect'"),
+    ("rbac:\n  kfpConfigMapNames: []\n", "at '/rbac/kfpConfigMapNames': minItems"),
+    ("modelCache:\n  datasetIds: [not a dataset]\n", "at '/modelCache/datasetIds/0'"),
 ]
 
 
@@ -394,26 +417,152 @@ def test_model_cache_job_name_follows_its_inputs():
     assert job()["metadata"]["name"] == a["metadata"]["name"]  # unchanged values: same Job, no-op upgrade
     b = job("--set", "modelCache.hubIds={Qwen/Qwen3-VL-2B-Instruct}")
     assert b["metadata"]["name"] != a["metadata"]["name"]  # a changed list runs a new Job
-    assert b["spec"]["template"]["spec"]["containers"][0]["command"][3:] == ["Qwen/Qwen3-VL-2B-Instruct"]
+    assert b["spec"]["template"]["spec"]["containers"][0]["command"][3:] == ["model:Qwen/Qwen3-VL-2B-Instruct"]
+    c = job("--set", "modelCache.datasetIds={HuggingFaceVLA/libero}")
+    assert c["metadata"]["name"] != a["metadata"]["name"]
+    assert c["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "dataset:HuggingFaceVLA/libero"
     assert "annotations" not in a["metadata"]
     hook = job("--set", "modelCache.fill.asHook=true")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert not [d for d in render("--set", "modelCache.fill.enabled=false") if d["kind"] == "Job"]
 
 
-def test_model_cache_script_runs(tmp_path):
-    """The Job's script, as rendered, run by this interpreter: offline with an empty cache it reports each
-    hub id it could not fetch and exits non-zero (so the Job retries)."""
-    pytest.importorskip("huggingface_hub", reason="the train extra installs huggingface_hub")
+def fill_script() -> str:
     command = one(render(), "Job")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:2] == ["python", "-c"]
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "FILL_MAX_WORKERS": "2"}
-    env.pop("HF_TOKEN", None)
-    r = subprocess.run([sys.executable, "-c", command[2], "acme/not-cached@v1", "acme/also-missing"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    return command[2]
+
+
+def run_fill(hf_home: Path, *args: str, extra_groups=(IMAGE_UID,), extra_env=None) -> subprocess.CompletedProcess:
+    """The fill Job's script as rendered, as its pod runs it: the images' user and group, the pod's fsGroup as
+    a supplemental group, a container's umask, offline (no hub here), nothing of this process's environment."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "HF_HOME": str(hf_home),
+           "HF_HUB_OFFLINE": "1", "FILL_MAX_WORKERS": "2", **(extra_env or {})}
+    return subprocess.run(as_image_user([sys.executable, "-c", fill_script(), *args], tuple(extra_groups)),
+                          capture_output=True, text=True, env=env, timeout=120, umask=0o022)
+
+
+def fresh_volume(root: Path) -> Path:
+    """A new volume's root as the kubelet leaves it with the pod's fsGroup: root-owned, group fsGroup, 2775."""
+    root.mkdir()
+    os.chown(root, 0, IMAGE_UID)
+    root.chmod(0o2775)
+    return root
+
+
+def seed_snapshot(hf_home: Path, kind: str, repo: str, files: dict[str, str]) -> None:
+    """What a finished download leaves in the hub cache (refs/main -> snapshots/<commit>/...), written as the
+    fill Job's user: the offline script then finds it as snapshot_download finds a complete download."""
+    code = ("import os, sys, json; from pathlib import Path; os.umask(0o002); "
+            "d = Path(sys.argv[1]) / 'hub' / (sys.argv[2] + 's--' + sys.argv[3].replace('/', '--')); "
+            "(d / 'refs').mkdir(parents=True, exist_ok=True); (d / 'refs' / 'main').write_text('0' * 40); "
+            "[((d / 'snapshots' / ('0' * 40) / k).parent.mkdir(parents=True, exist_ok=True), "
+            "(d / 'snapshots' / ('0' * 40) / k).write_text(v)) for k, v in json.loads(sys.argv[4]).items()]")
+    subprocess.run(as_image_user([sys.executable, "-c", code, str(hf_home), kind, repo, json.dumps(files)],
+                                 (IMAGE_UID,)), check=True, timeout=60)
+
+
+def test_model_cache_script_reports_every_missing_id(pod_tmp):
+    """Offline with an empty cache it names each hub id it could not fetch, exits non-zero (the Job retries) and
+    leaves no marker (a marker of an earlier fill is removed first: the cache is incomplete until it ends)."""
+    hf = fresh_volume(pod_tmp / "hf")
+    (hf / MODEL_CACHE_MARKER).write_text('{"models": ["acme/old"]}')
+    os.chown(hf / MODEL_CACHE_MARKER, IMAGE_UID, IMAGE_UID)
+    r = run_fill(hf, "model:acme/not-cached@v1", "dataset:acme/also-missing")
     assert r.returncode == 1, r.stderr
-    assert "model-cache: could not fetch acme/not-cached@v1" in r.stderr
+    assert "model-cache: could not fetch model acme/not-cached@v1" in r.stderr
     assert "2 of 2 hub ids failed: acme/not-cached@v1, acme/also-missing" in r.stderr
+    assert not (hf / MODEL_CACHE_MARKER).exists()
+
+
+def test_model_cache_script_refuses_a_volume_its_user_cannot_write(pod_tmp):
+    hf = pod_tmp / "hf"
+    hf.mkdir()  # root's, 0755: an NFS export nobody chowned
+    r = run_fill(hf, "model:acme/tiny", extra_groups=())
+    assert r.returncode == 1
+    assert f"cannot write to HF_HOME={hf} as uid {IMAGE_UID}" in r.stderr and "chown 10001:10001" in r.stderr
+
+
+def test_fill_job_leaves_a_cache_the_pipeline_pods_can_use(pod_tmp):
+    """After a complete fill: the marker lists what was fetched (written last), and a pipeline pod (the same
+    user, no fsGroup) can add files beside the models: hub datasets are downloaded there at run time."""
+    hf = fresh_volume(pod_tmp / "hf")
+    seed_snapshot(hf, "model", "acme/tiny-vlm", {"config.json": "{}"})
+    seed_snapshot(hf, "dataset", "acme/tiny-data", {"meta/info.json": "{}"})
+    r = run_fill(hf, "model:acme/tiny-vlm", "dataset:acme/tiny-data")
+    assert r.returncode == 0, r.stderr
+    marker = json.loads((hf / MODEL_CACHE_MARKER).read_text())
+    assert marker["models"] == ["acme/tiny-vlm"] and marker["datasets"] == ["acme/tiny-data"]
+    assert (hf / MODEL_CACHE_MARKER).stat().st_uid == IMAGE_UID
+    pod = subprocess.run(as_image_user([sys.executable, "-c", "import sys, pathlib; p = pathlib.Path(sys.argv[1]) / "
+                                        "'hub' / 'datasets--acme--new' / 'x'; p.parent.mkdir(parents=True); "
+                                        "p.write_text('ok')", str(hf)]),
+                         capture_output=True, text=True, timeout=60, umask=0o022)
+    assert pod.returncode == 0, pod.stderr
+
+
+def test_fill_job_runs_as_the_images_user_without_sidecar_or_token():
+    job = one(render(), "Job")
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    ctx = pod["spec"]["securityContext"]
+    assert ctx["runAsUser"] == ctx["runAsGroup"] == ctx["fsGroup"] == IMAGE_UID
+    # the images' USER is the same user (tests/test_images.py checks every image ends with it)
+    assert f"USER {IMAGE_UID}:{IMAGE_UID}" in (ROOT / "images" / "Dockerfile").read_text()
+    assert MODEL_CACHE_MARKER in fill_script()
+    # the mount paths the chart keeps the model cache off are the pods' (components.platform.WORKDIR)
+    assert f'"{WORKDIR}" "the pods\' work folder' in (CHART / "templates" / "_helpers.tpl").read_text()
+    # a Job name is a pod label value: <= 63 characters with the longest release name helm allows (53)
+    long = one(render_named("r" * 53), "Job")
+    assert len(long["metadata"]["name"]) <= 63
+
+
+def render_named(release: str, *args: str) -> list[dict]:
+    r = run_helm("template", release, str(CHART), "-n", NAMESPACE, *args)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+# namespaced kinds a Kubeflow profile's owner (the namespace's admin) may create; nothing cluster-scoped, no CRD
+PROFILE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret", "PersistentVolumeClaim", "Job",
+                 "Deployment", "Service"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_installs_in_a_profile_namespace_without_cluster_admin_or_prometheus_operator(case):
+    docs = render(*case_args(case))  # no --api-versions: a cluster without prometheus-operator
+    assert {d["kind"] for d in docs} <= PROFILE_KINDS
+    role = one(docs, "Role")
+    for rule in role["rules"]:
+        if "pods" in rule["resources"]:
+            assert set(rule["verbs"]) <= {"get", "watch"}, "a task pod never needs to patch pods"
+        if {"configmaps", "secrets"} & set(rule["resources"]):
+            assert rule.get("resourceNames") and rule["verbs"] == ["get"], rule
+    pvc = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    for claim in pvc:  # binds on a default (ReadWriteOnce) class, or names its class
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] or claim["spec"].get("storageClassName")
+
+
+def test_pod_monitor_follows_the_crd_and_never_doubles_a_pushgateway():
+    def monitors(*args):
+        return sorted(d["metadata"]["name"] for d in render(*args) if d["kind"] == "PodMonitor")
+
+    assert monitors() == []  # auto, no CRD
+    assert monitors(*WITH_CRD) == ["wmvla-pipeline"]
+    assert monitors(*WITH_CRD, "--set", "metrics.podMonitor.enabled=false") == []
+    # pods pushing: the pods are not scraped too (each series would count twice), the chart's gateway is
+    assert monitors(*WITH_CRD, "--set", "metrics.pushgateway.enabled=true") == ["wmvla-pushgateway"]
+    assert monitors(*WITH_CRD, "--set", "metrics.pushgatewayUrl=http://pg.monitoring:9091") == []
+    gateway = one(render("--set", "metrics.pushgateway.enabled=true"), "Deployment")
+    assert gateway["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_notes_never_write_secret_values_to_a_file():
+    r = run_helm("install", "wmvla", str(CHART), "-n", NAMESPACE, "--dry-run=client")
+    notes = r.stdout.split("NOTES:", 1)[1]
+    assert "get values" not in notes.replace("never dump `helm get values` to a file", "")
+    assert "--all" not in notes
 
 
 def test_model_cache_job_security():

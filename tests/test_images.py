@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.platform import DEFAULT, IMAGE_KINDS, Platform
+from components.platform import DEFAULT, IMAGE_KINDS, IMAGE_UID, Platform
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "images" / "Dockerfile"
@@ -29,11 +29,12 @@ BUILD_SCRIPT = ROOT / "scripts" / "build_images.sh"
 BIN = Path(sys.executable).parent
 
 # What each microjob needs in its image, by distribution (the reason is the microjob):
-#   cpu: MetaWorld expert generation (metaworld, mujoco), the report (core), KFP's executor (kfp)
+#   cpu: MetaWorld expert generation (metaworld, mujoco), the report (core), KFP's executor (kfp), the
+#        chart's model-cache fill Job and the pre-flight step (huggingface_hub)
 #   train: latent caching and training (transformers, accelerate, peft), KFP's executor
 #   eval: the policy and world encoder (transformers), MetaWorld and MuJoCo, KFP's executor; LIBERO via its script
 NEEDS = {
-    "cpu": {"metaworld", "mujoco", "kfp", "kfp-kubernetes"},
+    "cpu": {"metaworld", "mujoco", "kfp", "kfp-kubernetes", "huggingface-hub"},
     "train": {"transformers", "accelerate", "peft", "kfp"},
     "eval": {"transformers", "accelerate", "metaworld", "mujoco", "kfp"},
 }
@@ -163,6 +164,8 @@ def test_every_image_runs_as_a_numeric_non_root_user(dockerfile):
         uid = users[-1].split(":")[0]
         # numeric: Kubernetes' runAsNonRoot cannot verify a user name
         assert uid.isdigit() and int(uid) != 0, f"image {kind} ends with USER {users[-1]}; want a numeric non-zero uid"
+        # the chart's pods and the model cache's files belong to the same user (components.platform.IMAGE_UID)
+        assert users[-1] == f"{IMAGE_UID}:{IMAGE_UID}", f"image {kind}: USER {users[-1]}, want {IMAGE_UID}:{IMAGE_UID}"
 
 
 def test_build_tools_stay_in_builder_stages(dockerfile):

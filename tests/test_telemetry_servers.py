@@ -193,3 +193,30 @@ def test_every_dashboard_query_runs_on_prometheus(servers):
         for k, v in fill.items():
             expr = expr.replace(k, v)
         prom_query(servers["prometheus"], expr)  # asserts status "success" (a parse error is a 400)
+
+
+def test_a_finished_run_leaves_the_pushgateway(servers, monkeypatch):
+    """When a run's report is written its groups are deleted (else a finished run's last values are scraped as
+    current forever); another run's groups stay. An unreachable gateway warns and never fails the step."""
+    monkeypatch.setenv(env_names.PUSHGATEWAY_URL, servers["pushgateway"])
+
+    def groups(run):
+        listed = json.loads(http_get(f"{servers['pushgateway']}/api/v1/metrics"))["data"]
+        return sorted(g["labels"]["microjob"] for g in listed if g["labels"].get("run") == run)
+
+    for run, microjobs in (("ended-run", ("train", "eval")), ("other-run", ("train",))):
+        monkeypatch.setenv(env_names.RUN_ID, run)
+        for microjob in microjobs:
+            job = telemetry.start_job(microjob, cell="E2-flow-s0")
+            job.train_record({"step": 1, "loss": 0.5})
+            job.close()
+    assert groups("ended-run") == ["eval", "train"]
+    assert telemetry.end_run("ended-run") == 2
+    assert groups("ended-run") == [] and groups("other-run") == ["train"]
+
+    monkeypatch.setenv(env_names.PUSHGATEWAY_URL, f"http://user:hunter2@127.0.0.1:{free_port()}")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert telemetry.end_run("other-run") == 0
+    (warning,) = telemetry_warnings(record)
+    assert "deleting run 'other-run'" in str(warning.message) and "hunter2" not in str(warning.message)

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "train and evaluate the E0-E3 x head x seed matrix, then report"),
     "report": ("vla_core.experiments.report", "ReportConfig", "run_report",
                "markdown + plots + verdict from a matrix run folder"),
+    "preflight": ("vla_core.experiments.preflight", "PreflightConfig", "run_preflight",
+                  "the pipeline's first step from a shell: results writable, dataset reachable, model cache filled"),
     # the Kubeflow pipeline (pipelines/, needs the `pipeline` extra; imported only when run)
     "pipeline compile": ("pipelines.cli", "CompileConfig", "run_compile",
                          "compile the matrix pipeline to pipelines/matrix.yaml (--check: fail if stale)"),

@@ -432,6 +432,11 @@ def report(items: list[dict], workdir: str, kfp_run: str = "", kfp_run_id: str =
     kfp = f"{kfp_run} ({kfp_run_id})" if kfp_run and kfp_run_id and kfp_run_id != kfp_run else kfp_run or kfp_run_id
     run_report(ReportConfig(run_root=local, print_table=False, run_uri=run, kfp_run=kfp))
     publish_run(local, store)
+    # the run's last step: its jobs' groups leave the Pushgateway (Prometheus keeps what it scraped); the run
+    # label as label_job gives every job of this run
+    from vla_core import telemetry
+
+    telemetry.end_run(os.environ.get(env_names.RUN_ID) or run.rstrip("/").rsplit("/", 1)[-1])
     return run, local, json.loads((local / "summary.json").read_text())
 
 

@@ -32,6 +32,7 @@ from vla_core.telemetry.exposure import (  # noqa: F401  (re-exported: the publi
     PUSH_INTERVAL_S,
     Pusher,
     TelemetryWarning,
+    delete_run_groups,
     ensure_http_server,
     reset_warnings,
     stop_http_server,
@@ -251,6 +252,13 @@ def count_bytes(direction: str, n: int) -> None:
 
 
 count_storage_bytes = count_bytes  # the name vla_core.storage imports
+
+
+def end_run(run: str) -> int:
+    """The run is over (its report is written): delete its groups from the Pushgateway (WMVLA_PUSHGATEWAY_URL),
+    so finished runs' values are not scraped as current forever. Returns how many groups went; never raises."""
+    url = os.environ.get(env_names.PUSHGATEWAY_URL, "").strip()
+    return delete_run_groups(url, run) if url else 0
 
 
 def shutdown() -> None:

@@ -184,3 +184,37 @@ class Pusher:
         self._stop.set()
         self._thread.join(timeout=PUSH_TIMEOUT_S + 1)
         self.push()
+
+
+def delete_run_groups(url: str, run: str) -> int:
+    """Delete every group of `run` (its grouping label run=<run>) from the Pushgateway at `url`; returns how many.
+
+    Called when a run's report is written (its last step): the groups' final values were pushed when each job
+    ended, and Prometheus keeps the history it scraped; left on the gateway they would be scraped forever as if
+    current (stale progress, rates, counters of finished runs). Best effort like every push: a failure warns."""
+    import base64
+    import json
+    import urllib.request
+
+    from prometheus_client import delete_from_gateway
+
+    target, handler = push_target(url)
+    try:
+        request = urllib.request.Request(f"{target.rstrip('/')}/api/v1/metrics")
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.username is not None:  # the same basic auth the pushes use
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+        with urllib.request.urlopen(request, timeout=PUSH_TIMEOUT_S) as response:
+            listed = json.loads(response.read())["data"]
+        groups = [dict(g["labels"]) for g in listed if g.get("labels", {}).get("run") == run]
+        for labels in groups:
+            job = labels.pop("job", PUSH_JOB)
+            delete_from_gateway(target, job=job, grouping_key=labels, timeout=PUSH_TIMEOUT_S, handler=handler)
+    except Exception as e:  # noqa: BLE001 - a metrics failure never fails the job
+        secret = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").password
+        reason = str(e).replace(secret, "***") if secret else str(e)
+        warn_once("delete", f"deleting run {run!r}'s groups from the Pushgateway at {target} "
+                            f"({env_names.PUSHGATEWAY_URL}) failed: {type(e).__name__}: {reason}")
+        return 0
+    return len(groups)

@@ -50,6 +50,25 @@ annotations:
 {{- end }}
 {{- end }}
 
+{{/* The images' user and group (images/Dockerfile: USER 10001:10001; tests/test_chart.py checks both agree).
+The chart's pods run as it so that files they leave on the model-cache volume belong to the user the
+pipeline's pods run as. */}}
+{{- define "wmvla.imageUid" -}}10001{{- end }}
+
+{{/* "true" when the pipeline's pods are scraped through a PodMonitor: metrics.podMonitor.enabled true, or auto
+and the cluster serves prometheus-operator's PodMonitor; never with a Pushgateway (one source per series). */}}
+{{- define "wmvla.podMonitorApi" -}}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PodMonitor" }}true{{ end }}
+{{- end }}
+
+{{- define "wmvla.podMonitorOn" -}}
+{{- $e := .Values.metrics.podMonitor.enabled }}
+{{- if kindIs "bool" $e }}
+{{- if $e }}true{{ end }}
+{{- else if and (eq (toString $e) "auto") (include "wmvla.podMonitorApi" .) }}true
+{{- end }}
+{{- end }}
+
 {{/* The CPU image, named as components/platform.py's Platform.image("cpu") names it. */}}
 {{- define "wmvla.imageCpu" -}}
 {{- printf "%s/%s:%s" .Values.images.registry .Values.images.cpu (toString .Values.images.tag) }}
@@ -109,7 +128,33 @@ nodeAffinity:
 {{/* Cross-field checks the schema cannot word clearly; included by serviceaccount.yaml (rendered in every configuration). */}}
 {{- define "wmvla.validate" -}}
 {{- /* an existing account (serviceAccount.create=false) carries its own annotations: not checked */}}
-{{- if and (eq .Values.objectStore.credentials.source "workloadIdentity") .Values.serviceAccount.create (not .Values.serviceAccount.annotations) }}
-{{- fail "objectStore.credentials.source=workloadIdentity needs the cloud role on the service account: set serviceAccount.annotations (AWS IRSA: eks.amazonaws.com/role-arn: arn:aws:iam::ACCOUNT:role/ROLE; GKE: iam.gke.io/gcp-service-account: NAME@PROJECT.iam.gserviceaccount.com), or use source existingSecret / create" }}
+{{- if and (eq .Values.objectStore.credentials.source "workloadIdentity") .Values.serviceAccount.create (not (index .Values.serviceAccount.annotations "eks.amazonaws.com/role-arn")) }}
+{{- fail "objectStore.credentials.source=workloadIdentity needs the AWS role on the service account: set serviceAccount.annotations.\"eks.amazonaws.com/role-arn\" (IRSA: arn:aws:iam::ACCOUNT:role/ROLE), or use source existingSecret / create (the store is S3 through boto3: GKE workload identity gives Google credentials, which S3 does not take)" }}
+{{- end }}
+{{- range $k, $v := .Values.serviceAccount.annotations }}
+{{- if hasPrefix "iam.gke.io/" $k }}
+{{- fail (printf "serviceAccount.annotations.%s: GKE workload identity gives Google credentials, but wmvla's object store is S3 (boto3): remove it and use objectStore.credentials.source existingSecret / create (GCS through its S3 interoperability takes HMAC keys) or AWS IRSA" $k) }}
+{{- end }}
+{{- end }}
+{{- $uid := include "wmvla.imageUid" . | int }}
+{{- range $key := list "runAsUser" "runAsGroup" "fsGroup" }}
+{{- if hasKey $.Values.podSecurityContext $key }}
+{{- $v := index $.Values.podSecurityContext $key }}
+{{- if or (kindIs "invalid" $v) (ne (int $v) $uid) }}
+{{- fail (printf "podSecurityContext.%s=%v: the images run as %d:%d (images/Dockerfile USER) and the pipeline's GPU pods write to the model cache as that user; the fill Job must leave it owned by the same user: set podSecurityContext.%s=%d" $key $v $uid $uid $key $uid) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $mc := .Values.modelCache }}
+{{- if and $mc.create (has "ReadWriteMany" $mc.accessModes) (not $mc.storageClassName) }}
+{{- fail "modelCache.accessModes has ReadWriteMany but modelCache.storageClassName is \"\" (the cluster's default class): most default classes (EBS, PD, Azure Disk, local-path) cannot bind ReadWriteMany, so the claim and every GPU pod would stay Pending. Name a class that offers it: modelCache.storageClassName=<efs-sc / filestore / cephfs / nfs-client ...> (kubectl get storageclass), or use modelCache.accessModes={ReadWriteOnce} (then every pod that mounts the cache runs on one node)" }}
+{{- end }}
+{{- $taken := dict "/" "the root filesystem" "/tmp" "the fill Job's /tmp" "/tmp/wmvla" "the pods' work folder (components.platform.WORKDIR)" "/dev/shm" "the pods' shared memory" "/home/wmvla" "the images' HOME" "/opt/venv" "the images' Python" }}
+{{- with get $taken (trimSuffix "/" $mc.mountPath | default "/") }}
+{{- fail (printf "modelCache.mountPath=%s is %s: the pods could not mount the model cache there; use another folder, e.g. /models (the default)" $mc.mountPath .) }}
+{{- end }}
+{{- $pm := .Values.metrics.podMonitor.enabled }}
+{{- if and (kindIs "bool" $pm) $pm (not (include "wmvla.podMonitorApi" .)) }}
+{{- fail "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor (prometheus-operator's CRD): install prometheus-operator (kube-prometheus-stack), or set metrics.podMonitor.enabled=auto (rendered only where the CRD is) or false. helm template: pass --api-versions monitoring.coreos.com/v1/PodMonitor" }}
 {{- end }}
 {{- end }}
