@@ -124,7 +124,8 @@ POSITIONAL = {"data inspect": ["DS"], "data generate": ["metaworld", "--out", "D
 # A value for flags that are neither booleans / sequences (parse alone) nor take a number or a path ("1").
 VALUES = {"--distributed": "fsdp", "--env": "metaworld", "--experiment": "E2", "--policy.head": "flow",
           "--precision": "fp32", "--scripted": "expert", "--keys.wrist-image-key": "None", "--encoder": "tiny",
-          "--policy.frozen-dtype": "float32", "--rollout-memory": "pred"}
+          "--policy.frozen-dtype": "float32", "--rollout-memory": "pred", "--policy.finetune": "lora",
+          "--memory-plan": "off", "--optim.adam-state-dtype": "bfloat16", "--optim.ema-dtype": "bfloat16"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_.-]*[a-z0-9]")
 
 

@@ -10,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_EXECUTORS = ("exec-cache-latents", "exec-train-cell", "exec-evaluate-shard")
-CPU_EXECUTORS = ("exec-plan-matrix", "exec-prepare-dataset", "exec-report", "exec-plan-shards", "exec-merge-shards")
+CPU_EXECUTORS = ("exec-preflight", "exec-plan-matrix", "exec-prepare-dataset", "exec-report", "exec-plan-shards", "exec-merge-shards")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_gpu_microjobs_on_the_l40s_pool_cpu_microjobs_off_it(compiled):
         assert "accelerator" not in executors[name]["container"].get("resources", {}), name
         assert "nodeSelector" not in k8s[name] and "tolerations" not in k8s[name], name
         secrets = {s["secretName"] for s in k8s[name]["secretAsEnv"]}
-        assert secrets == {DEFAULT.store_secret}, name  # the object store, never the HF token
+        # the object store; the HF token only where the model cache is checked (pre-flight), never elsewhere
+        assert secrets == {DEFAULT.store_secret} | ({DEFAULT.hf_secret} if name == "exec-preflight" else set()), name
     for name in GPU_EXECUTORS + CPU_EXECUTORS:
         labels = k8s[name]["podMetadata"]["labels"]
         assert labels[DEFAULT.part_of_label] == DEFAULT.part_of_value
