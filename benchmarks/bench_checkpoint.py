@@ -40,6 +40,28 @@ def _q(xs):
     return [round(q[0], 3), round(statistics.median(xs), 3), round(q[2], 3)]
 
 
+def widened_tiny_config(tmp: Path, hidden: int, layers: int, intermediate: int, steps: int, ckpt_every: int):
+    """The tiny preset on a small LIBERO-like dataset, its backbone widened so that a checkpoint has a
+    measurable size; EMA on (as libero-2b), log every step, keep one checkpoint."""
+    from vla_core.data.fixtures import make_libero_like
+    from vla_core.data.lerobot import LeRobotDataset
+    from vla_core.policy.config import TinyBackboneConfig
+    from vla_core.train.config import OptimConfig, get_preset
+    from vla_core.world.cache import precompute_latents
+    from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
+
+    ds_path = make_libero_like(tmp / "ds", layout="v3_png", episodes=8, image_size=32, min_length=10, max_length=16)
+    enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=2, image_size=32), "cpu")
+    cache = precompute_latents(LeRobotDataset.open(ds_path), enc, tmp / "lat.npy", batch_size=64, log=lambda *a: None)
+    base = get_preset("tiny")
+    tiny = TinyBackboneConfig(hidden_size=hidden, num_layers=layers, num_heads=8, num_kv_heads=4,
+                              intermediate_size=intermediate)
+    return dataclasses.replace(
+        base, dataset=str(ds_path), latents=str(cache.path), policy=dataclasses.replace(base.policy, tiny=tiny),
+        optim=OptimConfig(steps=steps, batch_size=4, lr=1e-4, warmup_steps=1, ema_decay=0.99),
+        log_every=1, ckpt_every=ckpt_every, val_every=0, keep_checkpoints=1, progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -56,17 +78,11 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from vla_core import env_names
-    from vla_core.data.fixtures import make_libero_like
-    from vla_core.data.lerobot import LeRobotDataset
-    from vla_core.policy.config import TinyBackboneConfig
     from vla_core.storage.netproxy import LatencyProxy
     from vla_core.storage.seaweed import SeaweedFS
     from vla_core.train import remote as remote_mod
-    from vla_core.train.config import OptimConfig, get_preset
     from vla_core.train.loop import train
     from vla_core.utils import read_jsonl
-    from vla_core.world.cache import precompute_latents
-    from vla_core.world.encoder import WorldEncoderSpec, build_world_encoder
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp_s, SeaweedFS(Path(tmp_s) / "s3") as server:
         tmp = Path(tmp_s)
@@ -75,18 +91,7 @@ def main() -> None:
         proxy = LatencyProxy(server.port, delay_s=args.latency_ms / 1000).start() if args.latency_ms else None
         if proxy:
             os.environ[env_names.AWS_ENDPOINT_URL] = proxy.endpoint
-        ds_path = make_libero_like(tmp / "ds", layout="v3_png", episodes=8, image_size=32, min_length=10,
-                                   max_length=16)
-        enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=2, image_size=32), "cpu")
-        cache = precompute_latents(LeRobotDataset.open(ds_path), enc, tmp / "lat.npy", batch_size=64,
-                                   log=lambda *a: None)
-        base = get_preset("tiny")
-        tiny = TinyBackboneConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                                  intermediate_size=args.intermediate)
-        base = dataclasses.replace(
-            base, dataset=str(ds_path), latents=str(cache.path), policy=dataclasses.replace(base.policy, tiny=tiny),
-            optim=OptimConfig(steps=args.steps, batch_size=4, lr=1e-4, warmup_steps=1, ema_decay=0.99),
-            log_every=1, ckpt_every=args.ckpt_every, val_every=0, keep_checkpoints=1, progress=False)
+        base = widened_tiny_config(tmp, args.hidden, args.layers, args.intermediate, args.steps, args.ckpt_every)
 
         runs = []
         for r in range(args.rounds):
