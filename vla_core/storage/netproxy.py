@@ -5,6 +5,7 @@
     with LatencyProxy(server.port) as gate:                    # tests: hold every byte until released
         gate.hold(); ...; gate.release()
         gate.hold_on(b"step_0000006/")   # hold from the first request whose bytes contain this
+        gate.cut_once(after=3 * 2**20)   # drop the next connection that has sent 3 MiB to the client
 
 On loopback the server answers in well under a millisecond, so a benchmark there measures CPU, not the
 round trips that bound a real bucket (10-20 ms to a cloud region); this proxy puts them back. The delay is
@@ -43,6 +44,8 @@ class LatencyProxy:
         self._tasks: set[asyncio.Task] = set()
         self._pattern: bytes | None = None
         self.held = threading.Event()  # set when hold_on's pattern was seen (the gate closed by it)
+        self._cut_after: int | None = None
+        self.cuts = 0  # connections dropped by cut_once
 
     @property
     def endpoint(self) -> str:
@@ -78,6 +81,11 @@ class LatencyProxy:
         self.held.clear()
         self._pattern = pattern
 
+    def cut_once(self, after: int) -> None:
+        """Drop (both sides of) the first connection whose bytes sent to the client pass `after`: a connection
+        lost in the middle of a download's body."""
+        self._cut_after = after
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._tasks.add(task)
@@ -89,6 +97,7 @@ class LatencyProxy:
                     client_w.close()
                     return
                 answered = [True]  # a new connection starts with a request: pay the delay once
+                sent_down = [0]
 
                 async def pump(reader, writer, upstream: bool) -> None:
                     try:
@@ -105,6 +114,16 @@ class LatencyProxy:
                                     await asyncio.sleep(self.delay_s)
                             elif not upstream:
                                 answered[0] = True
+                                limit = self._cut_after
+                                if limit is not None and sent_down[0] + len(chunk) > limit:
+                                    self._cut_after = None
+                                    self.cuts += 1
+                                    writer.write(chunk[: max(0, limit - sent_down[0])])
+                                    await writer.drain()
+                                    for w in (client_w, server_w):
+                                        w.transport.abort()
+                                    return
+                                sent_down[0] += len(chunk)
                             writer.write(chunk)
                             await writer.drain()
                     except (ConnectionError, asyncio.IncompleteReadError):
