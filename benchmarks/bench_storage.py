@@ -14,7 +14,7 @@ Goals: push and pull >= 0.9 of raw boto3; many small files >= 3x one at a time.
 
 With --latency-ms, every round is measured twice: straight to the server (loopback: on 2 cores the server
 shares the client's CPU, so this measures CPU cost) and through a latency-injecting loopback proxy
-(vla_core.storage.netproxy: that many ms per request exchange, as a bucket in a cloud region has; both ours
+(vla_core.storage.netproxy, in its own process: that many ms per request exchange, as a bucket in a cloud region has; both ours
 and raw boto3 go through it), where round trips, not CPU, bound the transfer.
 
     python benchmarks/bench_storage.py                        # ~1-2 min on 2 CPU cores
@@ -31,6 +31,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -126,7 +128,6 @@ def main() -> None:
 
     from vla_core import env_names
     from vla_core.storage import publish_run
-    from vla_core.storage.netproxy import LatencyProxy
     from vla_core.storage.seaweed import SeaweedFS
 
     load_start = os.getloadavg()
@@ -134,10 +135,13 @@ def main() -> None:
         tmp = Path(tmp_s)
         os.environ.update(server.env())
         bucket = server.create_bucket("bench")[len("s3://"):]
-        proxy = LatencyProxy(server.port, delay_s=args.latency_ms / 1000).start() if args.latency_ms else None
         settings = {"loopback": (server.endpoint, _client(server.endpoint, server))}
-        if proxy:
-            settings[f"proxy_{args.latency_ms:g}ms"] = (proxy.endpoint, _client(proxy.endpoint, server))
+        proxy = None
+        if args.latency_ms:  # its own process: forwarding in this one would compete for the client's GIL
+            proxy = subprocess.Popen([sys.executable, "-m", "vla_core.storage.netproxy", str(server.port),
+                                      str(args.latency_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            endpoint = f"http://127.0.0.1:{int(proxy.stdout.readline())}"
+            settings[f"proxy_{args.latency_ms:g}ms"] = (endpoint, _client(endpoint, server))
 
         big_dir = tmp / "big"
         big_dir.mkdir()
@@ -161,7 +165,8 @@ def main() -> None:
                 rows[name].append(_one_round(r, name, bucket, raw, tmp, big_dir, big, small_dir, small_files))
         os.environ[env_names.AWS_ENDPOINT_URL] = server.endpoint
         if proxy:
-            proxy.close()
+            proxy.stdin.close()
+            proxy.wait(30)
 
         result = {
             "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -21,6 +21,7 @@ reads; runs an asyncio loop in one daemon thread; `close()` ends every connectio
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 CHUNK = 256 * 1024
@@ -140,6 +141,8 @@ class LatencyProxy:
                 finally:
                     for w in (server_w, client_w):
                         w.close()
+        except asyncio.CancelledError:
+            pass  # close(): the connection ends here (a cancelled task would be reported by asyncio's streams)
         finally:
             self._tasks.discard(task)
 
@@ -165,3 +168,18 @@ class LatencyProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main() -> None:
+    """`python -m vla_core.storage.netproxy TARGET_PORT DELAY_MS`: prints its port, runs until stdin closes.
+    A separate process, so a benchmark's client does not share its interpreter lock with the forwarding."""
+    proxy = LatencyProxy(int(sys.argv[1]), float(sys.argv[2]) / 1000).start()
+    print(proxy.port, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        proxy.close()
+
+
+if __name__ == "__main__":
+    main()

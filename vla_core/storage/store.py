@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -392,8 +393,9 @@ class S3Store(Store):
     def _download_hashing(self, key: str, path: Path) -> tuple[str, int]:
         """Download into `path` in concurrent ranged GETs (one part size each, MAX_CONCURRENCY at once), each
         part streamed to its place in the file, while this thread hashes the file in order right behind the
-        writers (from the page cache, a few MiB behind the newest contiguous byte): the sha256 is ready with
-        the last byte, not after a second pass over the file. -> (sha256, size)
+        writers (the file is memory-mapped: the hash reads the pages just written, in place, right behind the
+        newest contiguous byte): the sha256 is ready with the last byte, not after a second pass over the
+        file. -> (sha256, size)
 
         The first GET asks for the first part: one request for a small object (boto3's download_file makes two,
         HEAD and GET), and its Content-Range gives the size. The other parts carry If-Match with its ETag, so an
@@ -456,9 +458,13 @@ class S3Store(Store):
                 raise
 
         h = hashlib.sha256()
-        buf = bytearray(4 * MiB)
-        view = memoryview(buf)
+        mapped = view = None
         try:
+            if size:
+                # the file at its final size, mapped: the hashing reads the writers' pages in place (no copy)
+                os.ftruncate(fd, size)
+                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                view = memoryview(mapped)
             with ThreadPoolExecutor(max_workers=max(1, min(MAX_CONCURRENCY, len(parts)))) as pool:
                 futures = [pool.submit(fetch, i) for i in range(len(parts))]
                 pos = 0
@@ -469,15 +475,16 @@ class S3Store(Store):
                             if failed:
                                 break
                             ready = start + done[i]
-                        while pos < ready:
-                            n = os.preadv(fd, [view[:min(len(buf), ready - pos)]], pos)
-                            h.update(view[:n])
-                            pos += n
+                        h.update(view[pos:ready])
+                        pos = ready
                     if failed:
                         break
                 for fut in futures:
                     fut.result()  # the first failure, after the others stopped
         finally:
+            if view is not None:
+                view.release()
+                mapped.close()
             os.close(fd)
         return h.hexdigest(), size
 
