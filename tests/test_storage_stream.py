@@ -48,11 +48,12 @@ def test_streamed_download_is_whole_and_hashed(s3_env, bucket, size, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temp file left
 
 
-def test_a_connection_cut_mid_part_resumes_the_part(proxy, bucket, tmp_path):
+@pytest.mark.parametrize("size", [PART - 100, 9 * PART + 5])  # one part (no threads), several parts
+def test_a_connection_cut_mid_part_resumes_the_part(proxy, bucket, tmp_path, size):
     st = _store(bucket)
-    data = os.urandom(9 * PART + 5)
+    data = os.urandom(size)
     st.put_bytes("obj", data)
-    proxy.cut_once(after=PART // 2 + 700)  # inside the first part's body
+    proxy.cut_once(after=PART // 2 + 700)  # inside the first part's body (headers are a few hundred bytes)
     assert st.get_file("obj", tmp_path / "x") == hashlib.sha256(data).hexdigest()
     assert proxy.cuts == 1 and (tmp_path / "x").read_bytes() == data
 
