@@ -393,11 +393,11 @@ class S3Store(Store):
         return digest
 
     def _download_hashing(self, key: str, path: Path) -> tuple[str, int]:
-        """Download into `path` in concurrent ranged GETs (one part size each, MAX_CONCURRENCY at once), each
-        part streamed to its place in the file, while this thread hashes the file in order right behind the
-        writers (the file is memory-mapped: the hash reads the pages just written, in place, right behind the
+        """Download into `path` in concurrent ranged GETs (one part size each, on the process-wide part pool),
+        each part streamed to its place in the file, while this thread hashes the file in order right behind
+        the writers (the file is memory-mapped: the hash reads the pages just written, in place, up to the
         newest contiguous byte): the sha256 is ready with the last byte, not after a second pass over the
-        file. -> (sha256, size)
+        file. A one-part object is fetched and hashed in this thread. -> (sha256, size)
 
         The first GET asks for the first part: one request for a small object (boto3's download_file makes two,
         HEAD and GET), and its Content-Range gives the size. The other parts carry If-Match with its ETag, so an
@@ -417,6 +417,8 @@ class S3Store(Store):
         size = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else int(first["ContentLength"])
         etag = first.get("ETag")
         parts = [(start, min(size, start + part)) for start in range(0, size, part)] or [(0, 0)]
+        if "/" not in content_range:  # the whole object came (an empty one, or a server ignoring Range): one part
+            parts = [(0, size)]
         done = [0] * len(parts)  # bytes of each part in the file
         cond = threading.Condition()
         failed: list[BaseException] = []
@@ -451,7 +453,7 @@ class S3Store(Store):
                         if start + done[i] == stop:
                             return
                         raise _ShortBody(f"part {start}-{stop - 1} ended after {done[i]} bytes")
-                    except _STREAM_ERRORS():
+                    except _stream_errors():
                         resp = None
                         if attempt == STREAM_ATTEMPTS - 1:
                             raise
@@ -620,7 +622,7 @@ def _part_pool():
         return _pool
 
 
-def _STREAM_ERRORS() -> tuple:
+def _stream_errors() -> tuple:
     """Errors of a body that stops streaming (the request itself is retried by botocore)."""
     from botocore.exceptions import ConnectionClosedError, IncompleteReadError, ReadTimeoutError, \
         ResponseStreamingError
