@@ -420,6 +420,7 @@ class S3Store(Store):
         if "/" not in content_range:  # the whole object came (an empty one, or a server ignoring Range): one part
             parts = [(0, size)]
         done = [0] * len(parts)  # bytes of each part in the file
+        hashing = [0]  # the part the hashing thread is at
         cond = threading.Condition()
         failed: list[BaseException] = []
         # no O_TRUNC: atomic_path made the file, empty; ext4 flushes a truncated-then-rewritten file to disk at
@@ -449,7 +450,8 @@ class S3Store(Store):
                                 hasher.update(chunk)
                             with cond:
                                 done[i] += len(chunk)
-                                cond.notify_all()
+                                if i == hashing[0]:  # only the part the hashing waits for wakes it
+                                    cond.notify_all()
                         if start + done[i] == stop:
                             return
                         raise _ShortBody(f"part {start}-{stop - 1} ended after {done[i]} bytes")
@@ -483,6 +485,7 @@ class S3Store(Store):
             for i, (start, stop) in enumerate(parts):
                 while pos < stop and not failed:
                     with cond:
+                        hashing[0] = i
                         cond.wait_for(lambda: start + done[i] > pos or failed)
                         ready = start + done[i]
                     h.update(view[pos:ready])
