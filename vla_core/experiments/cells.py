@@ -338,16 +338,48 @@ def train_cell(item: dict, dataset_uri: str, latents_uri: str, workdir: str, gpu
 # --------------------------------------------------------------------------------------- evaluate
 
 
-def checkpoint_objects(store) -> list:
-    """What evaluating a trained run needs from the store: its newest checkpoint (named by checkpoints/latest)
-    and the run's top-level files; not the older checkpoints (GBs each for a 2B full fine-tune)."""
+def checkpoint_objects(store, use_ema: bool = True) -> tuple[list, dict[str, str]]:
+    """What evaluating a trained run reads from the store -> (objects, their sha256 where the manifest has them):
+    of its newest checkpoint (named by checkpoints/latest) only the weights evaluation loads (the EMA +
+    buffers files when the checkpoint has them, `vla_core.train.checkpoint.evaluated_files`) and the small
+    files, never train_state.pt (the optimizer state, half of a 2B checkpoint) nor older checkpoints; plus the
+    run's top-level files. Checked against the checkpoint's manifest: a checkpoint whose upload did not finish
+    is refused."""
+    from vla_core.storage import read_manifest
+    from vla_core.storage.store import ObjectInfo
+    from vla_core.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, evaluated_files
     from vla_core.train.rundir import CKPT_DIR, LATEST
 
     if not store.exists(f"{CKPT_DIR}/{LATEST}"):
         raise WmvlaError(f"{store.describe(CKPT_DIR)}: no {LATEST} checkpoint; has the cell's training finished?")
     name = store.get_bytes(f"{CKPT_DIR}/{LATEST}").decode().strip()
-    return [o for o in store.list() if "/" not in o.key or o.key == f"{CKPT_DIR}/{LATEST}"
-            or o.key.startswith(f"{CKPT_DIR}/{name}/")]
+    manifest = read_manifest(store.child(f"{CKPT_DIR}/{name}"))
+    if manifest is None:
+        raise WmvlaError(f"{store.describe(f'{CKPT_DIR}/{name}')}: no manifest: the checkpoint's upload did not "
+                         "finish (the manifest is written last); re-run the cell's training step to upload it")
+    files = manifest["files"]
+    weights = set(evaluated_files(set(files), use_ema))
+    skip = {MODEL_FILE, EMA_FILE, STATE_FILE} - weights
+    prefix = f"{CKPT_DIR}/{name}/"
+    objects = [o for o in store.list() if "/" not in o.key or o.key == f"{CKPT_DIR}/{LATEST}"]
+    objects += [ObjectInfo(prefix + rel, files[rel]["size"]) for rel in sorted(files) if rel not in skip]
+    return objects, {prefix + rel: files[rel]["sha256"] for rel in files if rel not in skip}
+
+
+def fetch_checkpoint_for_eval(uri: str, run_dir: str | Path, log=print) -> dict:
+    """Download what evaluating the cell's run at `uri` reads (`checkpoint_objects`) into `run_dir`, verified
+    against the checkpoint's manifest. Returns {"bytes", "files", "seconds"}."""
+    import time
+
+    from vla_core.storage import open_store, sync_down
+
+    t = time.perf_counter()
+    objects, expected = checkpoint_objects(open_store(uri))
+    res = sync_down(uri, run_dir, objects=objects, expected_sha256=expected)
+    out = {"bytes": res.bytes, "files": len(objects), "seconds": round(time.perf_counter() - t, 2)}
+    log(f"eval: fetched {out['files']} files of the newest checkpoint ({res.bytes / 1e9:.2f} GB downloaded, "
+        f"{len(res.skipped)} already here) in {out['seconds']} s from {uri}")
+    return out
 
 
 def eval_config_for(cfg: MatrixConfig, plan, ckpt: Path, mode: str, condition: str, out: Path, remote: str,
@@ -372,13 +404,13 @@ def evaluate_cell(item: dict, dataset_uri: str, workdir: str) -> dict:
 
     from vla_core.eval.checkpoint_policy import eval_dir_for
     from vla_core.eval.cli import SUMMARY_FILE, run_eval
-    from vla_core.storage import open_store, sync_down, sync_up
+    from vla_core.storage import sync_up
     from vla_core.train.checkpoint import resolve_checkpoint
 
     cell, settings, run = _unpack(item)
     cfg = load_settings(settings)
     root, run_dir, uri = cell_paths(settings, cell, run, workdir)
-    sync_down(uri, run_dir, objects=checkpoint_objects(open_store(uri)))
+    fetch_checkpoint_for_eval(uri, run_dir)
     ckpt = resolve_checkpoint(run_dir)
     plan = eval_plan(cfg, str(local_dataset(dataset_uri, workdir, cell["name"])))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -103,10 +103,9 @@ def _conditions(item: dict, dataset_uri: str, workdir: str, scope: str):
     import torch
 
     from vla_core.eval.checkpoint_policy import eval_dir_for
-    from vla_core.experiments.cells import (_unpack, cell_paths, checkpoint_objects, eval_config_for, local_dataset,
-                                            load_settings)
+    from vla_core.experiments.cells import (_unpack, cell_paths, eval_config_for, fetch_checkpoint_for_eval,
+                                            local_dataset, load_settings)
     from vla_core.experiments.matrix import eval_plan, rollout_memories
-    from vla_core.storage import open_store, sync_down
     from vla_core.train.checkpoint import resolve_checkpoint
 
     cell, settings, run = _unpack(item)
@@ -114,7 +113,7 @@ def _conditions(item: dict, dataset_uri: str, workdir: str, scope: str):
     _, run_dir, uri = cell_paths(settings, cell, run, workdir)
     # every shard of a cell downloads into the same path (the checkpoint's path is part of the evaluation's
     # config, which must match across shards); downloads land in per-process temp files, then rename
-    sync_down(uri, run_dir, objects=checkpoint_objects(open_store(uri)))
+    fetch_checkpoint_for_eval(uri, run_dir)  # the evaluated weights and small files, not the optimizer state
     ckpt = resolve_checkpoint(run_dir)
     plan = eval_plan(cfg, str(local_dataset(dataset_uri, workdir, scope)))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

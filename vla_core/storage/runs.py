@@ -143,11 +143,13 @@ def pull_run(uri: str | Store, local_dir: str | os.PathLike, allow_incomplete: b
                     collect_errors=allow_incomplete, **kwargs)
     problems += list(res.failed.values())
     if manifest is not None:
-        from vla_core.utils import atomic_write_json
+        from vla_core.utils import atomic_path
 
         # the pulled folder carries the manifest too: it says what was verified, and a re-push reuses nothing
-        # from it (publish_run always writes a fresh one)
-        atomic_write_json(local_dir / MANIFEST, manifest)
+        # from it (publish_run always writes a fresh one). Not fsynced, as the downloaded files are not: the
+        # rename keeps it whole, and a write lost in a crash only means pulling again
+        with atomic_path(local_dir / MANIFEST, suffix=".part", fsync=False) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return {"uri": store.uri, "local_dir": str(local_dir), "complete": not problems,
             "files": len(objects), "downloaded": len(res.transferred), "skipped": len(res.skipped),
             "bytes": res.bytes, "problems": problems}

@@ -7,6 +7,9 @@ A checkpoint folder `<run>/checkpoints/step_000500/` holds
                         earlier attempt wrote 7 GB per epoch); they are rebuilt from `policy.backbone`
                         (hub id / local folder / seeded tiny) and checked against `meta.json`'s fingerprint.
     ema.safetensors     EMA of the trained weights (only when optim.ema_decay > 0)
+    buffers.safetensors the persistent buffers alone (with EMA only; a few KB): ema + buffers are the weights an
+                        evaluation loads, so an evaluation pod fetches neither model.safetensors nor
+                        train_state.pt (at 2B: 8.7 of the 35 GB instead of all of it)
     config.json         the full, resolved TrainConfig
     norm_stats.json     state/action normalisation statistics (vla_core.data.normalize format)
     tokenizer/          the backbone tokenizer including the <ACT_i> tokens
@@ -37,6 +40,7 @@ from vla_core.utils import WmvlaError, atomic_write_json, atomic_write_text, con
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+BUFFERS_FILE = "buffers.safetensors"
 CONFIG_FILE = "config.json"
 STATS_FILE = "norm_stats.json"
 TOKENIZER_DIR = "tokenizer"
@@ -154,6 +158,8 @@ def save_checkpoint(
         if ema_state is not None:
             save_file({n: t.contiguous() for n, t in ema_state.items()}, str(tmp / EMA_FILE),
                       metadata={"format": FORMAT, "step": str(step)})
+            save_file({n: t for n, t in tensors.items() if n not in ema_state}, str(tmp / BUFFERS_FILE),
+                      metadata={"format": FORMAT, "step": str(step)})
         atomic_write_json(tmp / CONFIG_FILE, config)
         save_stats(stats, tmp / STATS_FILE)
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -210,7 +216,7 @@ def _version(pkg: str) -> str | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder, its checkpoints/ folder, or a checkpoint folder -> the checkpoint folder."""
     path = Path(path)
-    if (path / MODEL_FILE).exists():
+    if (path / MODEL_FILE).exists() or (path / META_FILE).exists():  # (an evaluation's copy has no MODEL_FILE)
         return path
     for run_dir in (path, path.parent):
         if (run_dir / CKPT_DIR / LATEST).exists():
@@ -230,15 +236,38 @@ def read_checkpoint_config(ckpt: Path) -> dict:
         raise WmvlaError(f"{ckpt}: {CONFIG_FILE} is missing; not a complete wmvla checkpoint") from None
 
 
+def evaluated_files(ckpt_files: set[str] | list[str], use_ema: bool = True) -> list[str]:
+    """The weight files `load_trained_weights` reads from a checkpoint holding `ckpt_files` (names relative to
+    the checkpoint folder): ema + buffers when both exist and `use_ema` (checkpoints before buffers.safetensors
+    existed: model + ema), else model alone. What an evaluation has to fetch besides the small files."""
+    files = set(ckpt_files)
+    if use_ema and {EMA_FILE, BUFFERS_FILE} <= files:
+        return [EMA_FILE, BUFFERS_FILE]
+    return [MODEL_FILE, EMA_FILE] if use_ema and EMA_FILE in files else [MODEL_FILE]
+
+
 def load_trained_weights(model: torch.nn.Module, ckpt: Path, use_ema: bool = True) -> str:
-    """Load model.safetensors (and the EMA weights over it when present and `use_ema`) into `model`.
+    """Load the checkpoint's trained weights into `model`: with `use_ema` and an EMA, ema.safetensors +
+    buffers.safetensors (older checkpoints: model.safetensors with the EMA over it), else model.safetensors.
 
     Refuses a checkpoint whose tensor names or shapes differ from what this model trains. Returns "ema"
     or "raw" (which weights are now in the model).
     """
     from safetensors.torch import load_file
 
-    tensors = load_file(str(ckpt / MODEL_FILE))
+    files = evaluated_files({p.name for p in Path(ckpt).iterdir()} if Path(ckpt).is_dir() else set(), use_ema)
+    missing = [f for f in files if not (ckpt / f).is_file()]
+    if missing:
+        raise WmvlaError(
+            f"{ckpt}: {', '.join(missing)} missing. "
+            + ("This folder holds only what an evaluation reads (the EMA weights); training resumes and raw-weight "
+               "evaluations need the whole checkpoint: fetch it again without the evaluation filter "
+               "(`wmvla results pull` of the checkpoint's prefix)." if (ckpt / EMA_FILE).is_file()
+               else "Not a complete wmvla checkpoint."))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(ckpt / f)))  # EMA after model: it covers the trainable parameters
+    which = "ema" if EMA_FILE in files else "raw"
     expected = set(saved_tensor_names(model))
     found = set(tensors)
     problems = []
@@ -252,13 +281,8 @@ def load_trained_weights(model: torch.nn.Module, ckpt: Path, use_ema: bool = Tru
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes[:10]))
     if problems:
-        raise WmvlaError(f"{ckpt}: the saved weights do not fit the policy rebuilt from its config:\n  - "
-                         + "\n  - ".join(problems))
-    which = "raw"
-    if use_ema and (ckpt / EMA_FILE).exists():
-        ema = load_file(str(ckpt / EMA_FILE))
-        tensors.update(ema)  # EMA covers the trainable parameters; buffers come from model.safetensors
-        which = "ema"
+        raise WmvlaError(f"{ckpt}: the saved weights ({', '.join(files)}) do not fit the policy rebuilt from its "
+                         "config:\n  - " + "\n  - ".join(problems))
     with torch.no_grad():
         for n, t in tensors.items():
             state[n].copy_(t.to(state[n].dtype))
@@ -331,7 +355,8 @@ def load_policy(checkpoint_dir: str | Path, device: str | torch.device | None = 
     stats = load_stats(ckpt / STATS_FILE)
     policy = VLAPolicy(cfg.policy, stats)
     check_tokenizer(policy.tokenizer, ckpt)
-    load_trained_weights(policy, ckpt, use_ema=use_ema)
+    which = load_trained_weights(policy, ckpt, use_ema=use_ema)
+    print(f"checkpoint: {ckpt.name}: loaded the {'EMA' if which == 'ema' else 'raw (non-EMA)'} weights", flush=True)
     check_frozen_fingerprint(policy, ckpt)
     policy.to(_resolve_device(device)).eval()
     return policy, cfg

@@ -550,6 +550,10 @@ def train(cfg: TrainConfig) -> dict:
         f"x {world_size} processes")
 
     # ---- loop
+    from vla_core.train.remote import CheckpointUploader
+
+    uploader = CheckpointUploader(run_dir, rcfg.remote if is_main else "", say)  # off the step, one in flight
+
     def save(final: bool = False) -> Path | None:
         accelerator.wait_for_everyone()
         rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world_size > 1 else [rng_state()]
@@ -563,6 +567,7 @@ def train(cfg: TrainConfig) -> dict:
             optim_state = optimizer.state_dict()
             ema_state = ema.state_dict() if ema else None
         if is_main:
+            uploader.wait()  # the previous upload first: pruning below must not delete what it is reading
             train_state = {"optimizer": optim_state, "step": step, "micro_batches": step * o.grad_accum,
                            "rng": rngs, "ema_updates": ema.num_updates if ema else 0, "world_size": world_size}
             world_record = {"spec": setup.cache.spec.to_dict() if setup.cache is not None else None,
@@ -572,10 +577,7 @@ def train(cfg: TrainConfig) -> dict:
                                    tokenizer=policy.tokenizer, world=world_record, train_state=train_state,
                                    ema_state=ema_state, extra_meta={"experiment": rcfg.experiment, "final": final},
                                    keep_last=rcfg.keep_checkpoints, tensors=tensors, frozen=frozen)
-            if rcfg.remote:
-                from vla_core.train.remote import upload_checkpoint
-
-                upload_checkpoint(run_dir, path, rcfg.remote)
+            uploader.submit(path)
         accelerator.wait_for_everyone()
         return path
 
@@ -688,8 +690,13 @@ def train(cfg: TrainConfig) -> dict:
                 path = save(final=step == o.steps)
                 say(f"train: checkpoint {path.name if path else step_name(step)}")
             if rcfg.stop_after is not None and step >= rcfg.stop_after and step < o.steps:
+                uploader.wait()
                 say(f"train: stopped after step {step} (--stop-after); run the same command again to resume")
                 return {"step": step, "finished": False, "run_dir": str(run_dir)}
+        uploader.wait()  # the final checkpoint is in the store before the done marker
+    except BaseException:
+        uploader.wait(raise_error=False)  # let the upload in flight finish: a newer complete checkpoint to resume
+        raise
     finally:
         progress.close()
         logger.close()

@@ -67,7 +67,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     name = pointer.read_text().strip()
     path = pointer.parent / name
-    if not (path / "model.safetensors").exists():
+    # meta.json: every complete checkpoint has it (written before the folder's atomic rename), also an
+    # evaluation's copy that holds only the EMA weights and the small files
+    if not ((path / "model.safetensors").exists() or (path / "meta.json").exists()):
         raise WmvlaError(f"{pointer} names {name!r} but {path} is not a complete checkpoint; the run folder is damaged.")
     return path
 
