@@ -110,9 +110,10 @@ class Platform:
     hf_env: str = env_names.HF_TOKEN
 
     def __post_init__(self):
-        if isinstance(self.gpus_per_cell, bool) or not isinstance(self.gpus_per_cell, int) or self.gpus_per_cell < 1:
-            raise ValueError(f"gpus_per_cell {self.gpus_per_cell!r}: expected a whole number >= 1 of GPUs per train "
-                             f"pod (`wmvla pipeline compile --gpus-per-cell N`, chart values {chart_key('gpus_per_cell')})")
+        n = self.gpus_per_cell
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"gpus_per_cell {n!r}: expected a whole number >= 1 of GPUs per train pod "
+                             f"(`wmvla pipeline compile --gpus-per-cell N`, chart values {chart_key('gpus_per_cell')})")
 
     def image(self, kind: str) -> str:
         names = {"cpu": self.image_cpu, "train": self.image_train, "eval": self.image_eval}
