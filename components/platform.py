@@ -13,6 +13,7 @@ prints them for the build script and the CI workflow, so no other file spells an
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import vla_core
@@ -31,6 +32,22 @@ class Resources:
     # pod downloads and writes there is bounded by the volume's sizeLimit (kfp-kubernetes 2.17 cannot set an
     # ephemeral-storage request; the limit names the volume when the kubelet evicts a pod past it)
     scratch: str = "20Gi"
+
+    def times(self, n: int) -> "Resources":
+        """These requests for n GPUs' worth of work (CPU, memory, /dev/shm x n): a train pod with n GPUs runs n
+        ranks, each with its own DataLoader workers and batches in shared memory. Scratch stays: a pod keeps one
+        copy of the dataset and of its checkpoints whatever its GPU count."""
+        return dataclasses.replace(self, cpu=_times(self.cpu, n), memory=_times(self.memory, n),
+                                   shm=_times(self.shm, n) if self.shm else "")
+
+
+def _times(quantity: str, n: int) -> str:
+    """A whole-number Kubernetes quantity ("12", "96Gi", "500m") times n, in the same unit."""
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity)
+    if not match:
+        raise ValueError(f"resource quantity {quantity!r}: expected a whole number with an optional unit "
+                         f"(\"12\", \"96Gi\", \"500m\") to scale per GPU")
+    return f"{int(match[1]) * n}{match[2]}"
 
 
 # the user and group every image runs as (images/Dockerfile USER) and the chart's pods run as (the model-cache
@@ -75,6 +92,11 @@ class Platform:
     gpu_resource: str = "nvidia.com/gpu"
     gpu_toleration_key: str = "nvidia.com/gpu"
     gpu_toleration_effect: str = "NoSchedule"  # "" = every effect of the key
+    # the GPUs per train pod this install's pipeline is sized for: the train microjob's CPU, memory and /dev/shm
+    # are MICROJOBS' one-GPU sizes times this, and it is the gpus_per_cell parameter's default. A compile-time
+    # setting because the KFP backend takes a resource from a parameter only verbatim (no arithmetic) and an
+    # emptyDir size never; a run asking for more GPUs than this is refused by the plan step (fewer is fine).
+    gpus_per_cell: int = 1
 
     # image pull secrets of the namespace (chart: images.pullSecrets), compiled into every task: a run submitted
     # with another service account than the chart's (which carries them too) still pulls from a private registry
@@ -86,6 +108,12 @@ class Platform:
     # env names the pods get (defined in vla_core; listed here so the chart test can check its keys)
     secret_env: tuple[str, ...] = (env_names.AWS_ACCESS_KEY_ID, env_names.AWS_SECRET_ACCESS_KEY)
     hf_env: str = env_names.HF_TOKEN
+
+    def __post_init__(self):
+        n = self.gpus_per_cell
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"gpus_per_cell {n!r}: expected a whole number >= 1 of GPUs per train pod "
+                             f"(`wmvla pipeline compile --gpus-per-cell N`, chart values {chart_key('gpus_per_cell')})")
 
     def image(self, kind: str) -> str:
         names = {"cpu": self.image_cpu, "train": self.image_train, "eval": self.image_eval}
@@ -148,7 +176,13 @@ _CHART_FIELDS: tuple[tuple[str, str, type], ...] = (
     ("gpu_resource", "gpuPool.resource", str),
     ("gpu_toleration_key", "gpuPool.tolerationKey", str),
     ("gpu_toleration_effect", "gpuPool.tolerationEffect", str),
+    ("gpus_per_cell", "gpuPool.gpusPerCell", int),
 )
+
+
+def chart_key(field_name: str) -> str:
+    """The values.yaml path of a Platform field (for messages that name the fix)."""
+    return next(path for name, path, _ in _CHART_FIELDS if name == field_name)
 
 
 def _chart_value(values: dict, path: str, kind: type):
@@ -176,6 +210,7 @@ class Microjob:
     image: str  # a kind of IMAGE_KINDS
     resources: Resources
     model_cache: bool = False  # mounts the chart's model-cache volume as HF_HOME (and gets the HF token)
+    per_cell_gpus: bool = False  # runs on Platform.gpus_per_cell GPUs: its resources are per GPU (Resources.times)
 
 
 # What each microjob of pipelines/matrix.py asks for. GPU jobs are sized for one GPU of an L40S node
@@ -188,7 +223,9 @@ MICROJOBS: dict[str, Microjob] = {
     "preflight": Microjob("cpu", Resources(cpu="250m", memory="1Gi", scratch="1Gi"), model_cache=True),
     "dataset": Microjob("eval", Resources(cpu="4", memory="16Gi", shm="2Gi")),  # MetaWorld experts render
     "latents": Microjob("train", Resources(cpu="8", memory="64Gi", gpus=1, shm="16Gi", scratch="100Gi"), model_cache=True),
-    "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi", scratch="150Gi"), model_cache=True),
+    # per GPU: a train pod gets Platform.gpus_per_cell times this (its GPU limit is the run's gpus_per_cell)
+    "train": Microjob("train", Resources(cpu="12", memory="96Gi", gpus=1, shm="32Gi", scratch="150Gi"), model_cache=True,
+                      per_cell_gpus=True),
     "evaluate": Microjob("eval", Resources(cpu="16", memory="64Gi", gpus=1, shm="8Gi", scratch="100Gi"), model_cache=True),
     "report": Microjob("cpu", Resources(cpu="1", memory="4Gi")),
     # evaluation shards: plan (needs LIBERO's task lists: eval image, CPU pool) and merge (records only)
@@ -207,7 +244,7 @@ def apply_platform(task, platform: Platform, microjob: str, gpus=None):
     from kfp import kubernetes  # lazily: this module is also read before kfp is installed (image builds)
 
     job = MICROJOBS[microjob]
-    r = job.resources
+    r = job.resources.times(platform.gpus_per_cell) if job.per_cell_gpus else job.resources
     image = job.image
     if platform.cpu_only:
         r = dataclasses.replace(CPU_ONLY_RESOURCES, shm=CPU_ONLY_RESOURCES.shm if r.shm else "")

@@ -4,6 +4,7 @@ cluster.
     wmvla pipeline compile                                  # -> pipelines/matrix.yaml (committed)
     wmvla pipeline compile --registry registry.example.com/wmvla --tag 1a2b3c --out matrix.yaml
     wmvla pipeline compile --values my-values.yaml          # match the chart install (pool label, names, pull secrets)
+    wmvla pipeline compile --gpus-per-cell 4 --out m4.yaml  # train pods sized for 4 GPUs (CPU, memory, /dev/shm)
     wmvla pipeline compile --check                          # exit 1 if pipelines/matrix.yaml is stale
     wmvla pipeline check matrix.yaml                        # the KFP backend's rules (pipelines/conformance.py)
     wmvla pipeline run --local dataset=metaworld preset=demo device=cpu eval_env= eval_suite= episodes=1 \
@@ -112,6 +113,10 @@ class CompileConfig:
     """image tag (default: the package version; CI: the commit SHA)"""
     values: Path | None = None
     """the Helm values file the chart was installed with: names, node pool label (Platform.from_chart_values)"""
+    gpus_per_cell: int | None = None
+    """GPUs per train pod the pipeline is sized for (default 1, or the values file's gpuPool.gpusPerCell): the train
+    pods' CPU, memory and /dev/shm are the one-GPU sizes times this, it is the gpus_per_cell parameter's default,
+    and a run asking for more is refused by the plan step (the backend cannot size a pod from a parameter)"""
     check: bool = False
     """do not write: exit 1 if `out` differs from a fresh compile (CI / tests keep matrix.yaml current)"""
     cpu_only: bool = False
@@ -132,11 +137,18 @@ def platform_for(cfg: CompileConfig):
 
         if not Path(cfg.values).is_file():
             raise WmvlaError(f"--values {cfg.values}: no such file; expected the chart's values YAML")
-        platform = Platform.from_chart_values(yaml.safe_load(Path(cfg.values).read_text()) or {})
-    changes = {k: v for k, v in (("registry", cfg.registry), ("tag", cfg.tag)) if v is not None}
+        try:
+            platform = Platform.from_chart_values(yaml.safe_load(Path(cfg.values).read_text()) or {})
+        except ValueError as e:  # a wrong type or value in the file: the message names the key
+            raise WmvlaError(f"--values {cfg.values}: {e}") from None
+    changes = {k: v for k, v in (("registry", cfg.registry), ("tag", cfg.tag), ("gpus_per_cell", cfg.gpus_per_cell))
+               if v is not None}
     if cfg.cpu_only:
         changes["cpu_only"] = True
-    return platform.replace(**changes) if changes else platform
+    try:
+        return platform.replace(**changes) if changes else platform
+    except ValueError as e:  # --gpus-per-cell 0
+        raise WmvlaError(str(e)) from None
 
 
 def compile_pipeline(platform, out: Path) -> Path:
@@ -165,7 +177,8 @@ def run_compile(cfg: CompileConfig) -> int:
     if not cfg.check:
         compile_pipeline(platform, Path(cfg.out))
         print(f"pipeline: compiled {cfg.out} (images {platform.image('cpu')}, ...; GPU pool "
-              f"{platform.gpu_node_label}={platform.gpu_node_value})")
+              f"{platform.gpu_node_label}={platform.gpu_node_value}, train pods sized for {platform.gpus_per_cell} "
+              f"GPU(s) per cell)")
         return 0
     with tempfile.TemporaryDirectory() as d:
         fresh = compile_pipeline(platform, Path(d) / "matrix.yaml").read_text()

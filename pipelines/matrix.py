@@ -58,7 +58,7 @@ def build(platform: Platform = DEFAULT):
         seeds: list = [0],
         steps: int = 0,
         batch_size: int = 0,
-        gpus_per_cell: str = "1",
+        gpus_per_cell: str = str(platform.gpus_per_cell),
         eval_env: str = "libero",
         eval_suite: str = "libero_spatial",
         eval_tasks: str = "",
@@ -77,7 +77,8 @@ def build(platform: Platform = DEFAULT):
         (expert data generated from metaworld_tasks / metaworld_episodes / image_size). results_uri: "" = the
         install's (WMVLA_RESULTS_URI of the chart's ConfigMap). run_name: "" = the KFP run's name made a path
         segment; results land in <results_uri>/<run>/. gpus_per_cell: a whole number as text ("2"): the KFP
-        driver sets the GPU limit from a string parameter only. eval_shards: pods each cell's evaluation is split
+        driver sets the GPU limit from a string parameter only; at most what the pipeline was compiled for
+        (`wmvla pipeline compile --gpus-per-cell N`, its default), which sizes the train pods' CPU / memory. eval_shards: pods each cell's evaluation is split
         into (0 = sized for the suite: MetaWorld 1, LIBERO at most 9 waves of `workers` episodes per shard)."""
         # first, on a CPU pod with the pods' own environment: nothing else starts until it passed
         check = preflight(results_uri=results_uri, dataset=dataset, preset=preset, backbone=backbone,
@@ -89,7 +90,8 @@ def build(platform: Platform = DEFAULT):
             batch_size=batch_size, cells=cells, seeds=seeds, eval_env=eval_env, eval_suite=eval_suite,
             eval_tasks=eval_tasks, episodes=episodes, workers=workers, ablations=ablations, results_uri=results_uri,
             run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, device=device,
-            render_backend=render_backend, gpus_per_cell=gpus_per_cell)
+            render_backend=render_backend, gpus_per_cell=gpus_per_cell,
+            compiled_gpus_per_cell=platform.gpus_per_cell)  # what the train pods are sized for
         apply_platform(plan, platform, "plan").set_caching_options(False).after(check)
 
         data = prepare_dataset(

@@ -382,6 +382,10 @@ BAD_VALUES = [
      "metrics.podMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 PodMonitor"),
     ("metrics:\n  podMonitor:\n    enabled: sometimes\n", "at '/metrics/podMonitor/enabled'"),
     ("gpuPool:\n  tolerationEffect: NoScheduling\n", "at '/gpuPool/tolerationEffect'"),
+    ("gpuPool:\n  gpusPerCell: 0\n", "at '/gpuPool/gpusPerCell': minimum"),
+    ("gpuPool:\n  gpusPerCell: 17\n", "at '/gpuPool/gpusPerCell': maximum"),
+    ("gpuPool:\n  gpusPerCell: \"2\"\n", "at '/gpuPool/gpusPerCell': got string, want integer"),
+    ("gpuPool:\n  gpusPerCell: 1.5\n", "at '/gpuPool/gpusPerCell': got number, want integer"),
     ("rbac:\n  kfpConfigMapNames: []\n", "at '/rbac/kfpConfigMapNames': minItems"),
     ("modelCache:\n  datasetIds: [not a dataset]\n", "at '/modelCache/datasetIds/0'"),
 ]
@@ -404,6 +408,20 @@ def test_from_chart_values_refuses_wrong_types():
         Platform.from_chart_values({"objectStore": "s3://x"})
     with pytest.raises(TypeError, match="expected a mapping"):
         Platform.from_chart_values(["not", "a", "mapping"])
+    with pytest.raises(ValueError, match=r"gpuPool\.gpusPerCell should be a int, found str"):
+        Platform.from_chart_values({"gpuPool": {"gpusPerCell": "2"}})
+    with pytest.raises(ValueError, match=r"gpus_per_cell 0: expected a whole number >= 1.*gpuPool\.gpusPerCell"):
+        Platform.from_chart_values({"gpuPool": {"gpusPerCell": 0}})
+
+
+def test_gpus_per_cell_from_the_values(tmp_path):
+    """gpuPool.gpusPerCell is what the compiled pipeline's train pods are sized for (and its gpus_per_cell
+    default); the chart accepts it and renders nothing from it (it is a compile-time setting of the pipeline)."""
+    values = tmp_path / "four-gpus.yaml"
+    values.write_text("gpuPool:\n  gpusPerCell: 4\n")
+    assert Platform.from_chart_values(yaml.safe_load(values.read_text())).gpus_per_cell == 4
+    assert Platform.from_chart_values({"gpuPool": {"nodeValue": "NVIDIA-H100"}}).gpus_per_cell == 1
+    assert render("-f", str(values)) == render()
 
 
 # ------------------------------------------------------------------------ model cache, dashboard

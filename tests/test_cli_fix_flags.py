@@ -104,6 +104,7 @@ MODULE_COMMANDS = {
     "envs/registry.py": ("eval",),
     "eval/": ("eval",),
     "experiments/eval_shards.py": ("eval",),  # a shard is `wmvla eval --num-shards N --shard-index I`
+    "experiments/cells.py": ("pipeline compile",),  # the plan step names how to compile for more GPUs
     "experiments/demo.py": ("demo",),
     "experiments/matrix.py": ("matrix", "train"),  # (its help points at `wmvla train --preset NAME --help`)
     "experiments/report.py": ("report",),

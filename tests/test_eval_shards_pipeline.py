@@ -52,7 +52,8 @@ def _pipeline():
         plan = plan_matrix(preset="demo", backbone="", world_encoder="", window=0, steps=3, batch_size=8,
                            cells=["E0-mse"], seeds=[0], eval_env="", eval_suite="", eval_tasks="", episodes=3,
                            workers=1, ablations=[], results_uri=results_uri, run_name="sharded", job_name="x",
-                           device="cpu", render_backend="egl", gpus_per_cell="0")
+                           device="cpu", render_backend="egl", gpus_per_cell="0",
+                           compiled_gpus_per_cell=1)
         data = prepare_dataset(source="metaworld", results_uri=results_uri, workdir=workdir, metaworld_tasks=TASK,
                                metaworld_episodes=2, image_size=64, workers=1, render_backend="egl")
         with dsl.ParallelFor(plan.output) as cell:

@@ -137,18 +137,24 @@ def test_images_follow_the_platform_and_install_nothing(compiled, tmp_path):
 def test_compile_from_chart_values(tmp_path):
     from components.platform import Platform
     from pipelines.cli import CompileConfig, compile_pipeline, platform_for
+    from vla_core.utils import WmvlaError
 
     values = tmp_path / "values.yaml"
-    values.write_text("gpuPool:\n  nodeValue: NVIDIA-H100-80GB-HBM3\nobjectStore:\n  credentials:\n"
-                      "    source: workloadIdentity\n")
+    values.write_text("gpuPool:\n  nodeValue: NVIDIA-H100-80GB-HBM3\n  gpusPerCell: 2\nobjectStore:\n"
+                      "  credentials:\n    source: workloadIdentity\n")
     platform = platform_for(CompileConfig(values=values, tag="t1"))
     assert isinstance(platform, Platform) and platform.tag == "t1"
     assert platform.gpu_node_value == "NVIDIA-H100-80GB-HBM3" and platform.store_secret == ""
+    assert platform.gpus_per_cell == 2 and platform_for(CompileConfig(values=values, gpus_per_cell=4)).gpus_per_cell == 4
     out = compile_pipeline(platform, tmp_path / "m.yaml")
-    _, k8s = yaml.safe_load_all(out.read_text())
+    spec, k8s = yaml.safe_load_all(out.read_text())
+    assert spec["root"]["inputDefinitions"]["parameters"]["gpus_per_cell"]["defaultValue"] == "2"
     train = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-cell"]
     assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert [s["secretName"] for s in train["secretAsEnv"]] == [platform.hf_secret]  # no static store keys
+    values.write_text("gpuPool:\n  gpusPerCell: two\n")
+    with pytest.raises(WmvlaError, match=r"--values .*gpuPool\.gpusPerCell should be a int, found str"):
+        platform_for(CompileConfig(values=values))
 
 
 def test_arguments_are_checked():
@@ -289,6 +295,73 @@ def test_plan_refuses_bad_gpu_counts_and_run_names():
         cells.run_prefix("my run", "")
     with pytest.raises(WmvlaError, match="run_name"):
         cells.run_prefix("", " / ")
+
+
+def test_train_pods_are_sized_for_the_compiled_gpus_per_cell(compiled, tmp_path):
+    """CPU, memory and /dev/shm of a train pod are MICROJOBS' one-GPU sizes times Platform.gpus_per_cell (fixed at
+    compile time: the backend cannot compute a resource from a parameter nor size an emptyDir from one); the
+    gpus_per_cell parameter defaults to that number and still sets the GPU limit; other microjobs stay as they are."""
+    from components.platform import DEFAULT, MICROJOBS
+    from pipelines.cli import CompileConfig, compile_pipeline, platform_for
+    from vla_core.utils import WmvlaError
+
+    one = MICROJOBS["train"].resources
+    assert (one.cpu, one.memory, one.shm, one.scratch) == ("12", "96Gi", "32Gi", "150Gi")
+    two = compile_pipeline(platform_for(CompileConfig(gpus_per_cell=2)), tmp_path / "m2.yaml")
+    for n, (spec, k8s) in ((1, compiled), (2, yaml.safe_load_all(two.read_text()))):
+        if n == 2:
+            k8s = k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        res = spec["deploymentSpec"]["executors"]["exec-train-cell"]["container"]["resources"]
+        assert (res["resourceCpuRequest"], res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == \
+            (str(12 * n), f"{96 * n}Gi", f"{96 * n}Gi"), n
+        mounts = {m["mountPath"]: m for m in k8s["exec-train-cell"]["emptyDirMounts"]}
+        assert mounts["/dev/shm"]["sizeLimit"] == f"{32 * n}Gi" and mounts["/tmp/wmvla"]["sizeLimit"] == "150Gi", n
+        # the GPU limit is the run's parameter (a STRING), whose default is the compiled number
+        assert res["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_cell']}}"
+        gpus = spec["root"]["inputDefinitions"]["parameters"]["gpus_per_cell"]
+        assert (gpus["defaultValue"], gpus["parameterType"]) == (str(n), "STRING"), n
+        # the plan step gets the compiled number as a constant, to refuse a run asking for more
+        plan = spec["root"]["dag"]["tasks"]["plan-matrix"]["inputs"]["parameters"]["compiled_gpus_per_cell"]
+        assert plan == {"runtimeValue": {"constant": n}}, n
+        # one GPU microjob that is not per cell keeps its one-GPU sizes
+        latents = spec["deploymentSpec"]["executors"]["exec-cache-latents"]["container"]["resources"]
+        assert latents["resourceCpuRequest"] == MICROJOBS["latents"].resources.cpu, n
+    from pipelines.conformance import check
+
+    assert check(two) == []
+    assert DEFAULT.gpus_per_cell == 1
+    with pytest.raises(WmvlaError, match="gpus_per_cell 0: expected a whole number >= 1.*--gpus-per-cell N"):
+        platform_for(CompileConfig(gpus_per_cell=0))
+
+
+def test_plan_refuses_more_gpus_than_the_pipeline_was_compiled_for():
+    from components.platform import chart_key
+    from vla_core.experiments import cells
+    from vla_core.utils import WmvlaError
+
+    assert cells.gpu_count("2", sized_for=2) == 2 and cells.gpu_count("1", sized_for=4) == 1  # fewer is fine
+    assert cells.gpu_count("2", sized_for=2.0) == 2  # a pipeline constant may arrive as a double
+    with pytest.raises(WmvlaError) as refused:
+        cells.gpu_count("4", sized_for=2)
+    message = str(refused.value)
+    assert "sized (CPU, memory, /dev/shm) for at most 2 GPU(s)" in message
+    assert "`wmvla pipeline compile --gpus-per-cell 4`" in message and f"{chart_key('gpus_per_cell')}: 4" in message
+
+
+def test_plan_step_refuses_a_run_asking_for_more_gpus(tmp_path):
+    """The plan component's code (what its pod runs) with the compiled number as its constant input: more GPUs
+    than compiled fails there, before any GPU pod; as many or fewer plan the cells."""
+    from components.plan import plan_matrix
+    from vla_core.utils import WmvlaError
+
+    args = dict(preset="demo", backbone="", world_encoder="", window=0, steps=0, batch_size=0, cells=["E0-mse"],
+                seeds=[0], eval_env="", eval_suite="", eval_tasks="", episodes=1, workers=1, ablations=[],
+                results_uri=str(tmp_path / "results"), run_name="r1", job_name="j", device="cpu",
+                render_backend="egl", compiled_gpus_per_cell=2)
+    assert [item["name"] for item in plan_matrix.python_func(gpus_per_cell="2", **args)] == ["E0-mse-seed0"]
+    assert len(plan_matrix.python_func(gpus_per_cell="1", **args)) == 1
+    with pytest.raises(WmvlaError, match="at most 2 GPU.*--gpus-per-cell 3"):
+        plan_matrix.python_func(gpus_per_cell="3", **args)
 
 
 def test_image_pull_secrets_from_the_values_are_compiled_in(tmp_path):

@@ -151,14 +151,24 @@ def run_uri(results_uri: str, run_name: str) -> str:
     return f"{results_location(results_uri)}/{run_name.strip('/')}"
 
 
-def gpu_count(value) -> int:
+def gpu_count(value, sized_for: int | None = None) -> int:
     """The pipeline's gpus_per_cell: a whole number >= 0, given as text (the KFP driver sets a pod's GPU limit
-    only from a string parameter) or as a number."""
+    only from a string parameter) or as a number. sized_for: the GPUs per cell the compiled pipeline's train pods
+    are sized for (CPU, memory, /dev/shm are fixed at compile time: the backend can neither compute a resource
+    from a parameter nor size an emptyDir from one), so a run asking for more is refused; fewer is fine."""
     text = str(value).strip()
     if isinstance(value, bool) or not text.isdigit():
         raise WmvlaError(f"gpus_per_cell {value!r}: expected a whole number of GPUs per training pod, e.g. \"1\" or "
                          f"\"4\"")
-    return int(text)
+    count = int(text)
+    sized_for = None if sized_for is None else int(sized_for)  # a pipeline constant may arrive as 1.0
+    if sized_for is not None and count > sized_for:
+        raise WmvlaError(
+            f"gpus_per_cell {value!r}: this pipeline's train pods are sized (CPU, memory, /dev/shm) for at most "
+            f"{sized_for} GPU(s) per cell. Fix: compile it for {count} (`wmvla pipeline compile --gpus-per-cell "
+            f"{count}`, or gpuPool.gpusPerCell: {count} in the chart values file you compile with `--values`), "
+            f"upload that pipeline and run it; or run with gpus_per_cell <= {sized_for}")
+    return count
 
 
 def _key(*parts) -> str:
