@@ -41,6 +41,13 @@ def test_demo_defaults_within_budget_and_successful(tmp_path):
     for name in ("E0-mse-none", "E2-mse-pred", "E0-flow-none", "E2-flow-pred"):  # every cell's own condition
         assert conds[name]["success_rate"] >= 0.3, (name, conds[name]["success_rate"])
 
+    # the same command killed with -9 after a cell's first checkpoint (step 200 of 300), run again and killed
+    # in evaluation, run again: exactly this run's results (training continued from the checkpoint)
+    killed_twice_then_resumed(tmp_path / "killed", [], after_a_checkpoint)
+    assert run_results(tmp_path / "killed" / "results", work_run_of(tmp_path / "killed")) == run_results(
+        pulled, work_run_of(tmp_path / "demo"))
+    assert "from step_0000200" in (tmp_path / "killed.log").read_text()  # "train: resuming RUN from step_..."
+
 
 # ------------------------------------------------------------------------------- killed and resumed
 
@@ -101,28 +108,40 @@ def in_training(work_run: Path) -> bool:
     return any(not (c.parent / "done.json").exists() for c in work_run.glob("*/*/seed*/config.json"))
 
 
+def after_a_checkpoint(work_run: Path) -> bool:
+    """A cell has saved a checkpoint and is still training."""
+    return any(not (m.parents[2] / "done.json").exists()
+               for m in work_run.glob("*/*/seed*/checkpoints/step_*/_manifest.json"))
+
+
 def in_evaluation(work_run: Path) -> bool:
-    return any(f.stat().st_size for f in work_run.glob("*/*/seed*/eval/*/shards/*.jsonl"))
+    """An evaluate task has recorded an episode (its shard's log, before the merge task's eval/ copy)."""
+    return any(f.stat().st_size for f in work_run.glob("*/*/seed*/eval-shards/*/*/shards/*.jsonl"))
 
 
-def test_demo_killed_in_training_and_in_evaluation_resumes_to_an_uninterrupted_runs_results(tmp_path):
-    """`wmvla demo --out D` killed with -9 (its process group: the demo and its tasks) in the middle of
-    training, run again and killed in the middle of evaluation, run again: it completes with exactly the
-    results of an uninterrupted run (losses, episodes, success counts, final weights), and every kill
-    leaves no SeaweedFS behind (tests/test_server_lifetime.py: the owner alone killed)."""
+def finished_evaluations(work_run: Path) -> int:
+    """Evaluation shards (one per cell, condition and shard) that have written their summary."""
+    return len(list(work_run.glob("*/*/seed*/eval-shards/*/*/summary.json")))
+
+
+def demo_cmd(out: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "vla_core.cli", "demo", "--out", str(out), *args]
+
+
+def work_run_of(out: Path) -> Path:
+    """Where the demo's tasks keep their copy of the run (checkpoints included)."""
+    return out / "work" / "store" / "wmvla-demo" / "runs" / "demo"
+
+
+def killed_twice_then_resumed(out: Path, args: list[str], training) -> None:
+    """`wmvla demo --out OUT ARGS` killed with -9 (its process group: the demo and its tasks) once
+    training(work_run) holds, run again and killed in the middle of evaluation, then run to the end; every
+    kill must leave no SeaweedFS behind."""
     from vla_core.storage.seaweed import PID_FILE, _start_time
 
-    def demo(out: Path) -> list[str]:
-        return [sys.executable, "-m", "vla_core.cli", "demo", "--out", str(out), *SMALL]
-
-    ref = subprocess.run(demo(tmp_path / "ref"), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-
-    out, log = tmp_path / "killed", tmp_path / "killed.log"
-    work_run = out / "work" / "store" / "wmvla-demo" / "runs" / "demo"
-    for when, ready in (("training", in_training), ("evaluation", in_evaluation)):
-        proc = start_killable(demo(out), log)
-        kill_when(proc, lambda: ready(work_run), when, log)
+    log, work_run = out.parent / f"{out.name}.log", work_run_of(out)
+    for when, ready in (("training", training), ("evaluation", in_evaluation)):
+        kill_when(start_killable(demo_cmd(out, args), log), lambda: ready(work_run), when, log)
         assert ready(work_run), f"killed, but not in {when}"
         info = json.loads((out / "s3" / PID_FILE).read_text())
         left = {p: _start_time(p) for p in (info["server"], info["keeper"])}
@@ -130,9 +149,20 @@ def test_demo_killed_in_training_and_in_evaluation_resumes_to_an_uninterrupted_r
         while any(s is not None and _start_time(p) == s for p, s in left.items()):
             assert time.monotonic() < end, f"the demo was killed in {when} but its SeaweedFS {info} still runs"
             time.sleep(0.1)
-    assert len(list(work_run.glob("*/*/seed*/eval/*/summary.json"))) < 4, "every evaluation had finished"
-
-    done = subprocess.run(demo(out), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished_evaluations(work_run) < 4, "killed after every evaluation had finished"
+    done = subprocess.run(demo_cmd(out, args), capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert run_results(out / "results", work_run) == run_results(
-        tmp_path / "ref" / "results", tmp_path / "ref" / "work" / "store" / "wmvla-demo" / "runs" / "demo")
+
+
+def test_demo_killed_in_training_and_in_evaluation_resumes_to_an_uninterrupted_runs_results(tmp_path):
+    """`wmvla demo --out D` killed with -9 in the middle of training (before its first checkpoint: the
+    demo preset saves every 200 steps; the slow test below kills it after one), run again and killed in the
+    middle of evaluation, run again: it completes with exactly the results of an uninterrupted run (losses,
+    episodes, success counts, final weights), and no kill leaves a SeaweedFS behind."""
+    ref = subprocess.run(demo_cmd(tmp_path / "ref", SMALL), capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    killed_twice_then_resumed(tmp_path / "killed", SMALL, in_training)
+    assert run_results(tmp_path / "killed" / "results", work_run_of(tmp_path / "killed")) == run_results(
+        tmp_path / "ref" / "results", work_run_of(tmp_path / "ref"))

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -106,7 +105,7 @@ def test_ctrl_c_stops_the_demos_store_gracefully(tmp_path):
     _wait_gone(server, "the SeaweedFS after Ctrl-C")
     log = _keeper_lines(data_dir, info["server"])
     # stopped once, by its owner's stop() (not by the SIGINT: it is in another session), gracefully
-    assert "owner closed the control pipe" in log and "stopped gracefully with status 0" in log, log
+    assert "stop asked by the owner" in log and "stopped gracefully with status 0" in log, log
     assert "SIGINT" not in log and "SIGKILL" not in log, log
     assert not (data_dir / PID_FILE).exists()
 

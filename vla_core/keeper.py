@@ -12,11 +12,12 @@ between the owner (the process that creates Kept) and the server:
 
     owner --(control pipe: the owner holds the only write end)--> keeper --(child, PR_SET_PDEATHSIG)--> server
 
-- The keeper stops the server (SIGTERM, wait `grace_s`, SIGKILL) when the control pipe reaches EOF or when
-  its parent is no longer the owner (the owner died and the keeper was re-parented). The kernel closes the
-  pipe when the owner dies, however it dies; the parent check also covers an owner whose pipe end lives on
-  in a child forked without exec (multiprocessing's fork start method), where EOF would never come.
-  stop() uses the same path (it closes the pipe), so a crash and a normal stop end the server the same way.
+- The keeper stops the server (SIGTERM, wait `grace_s`, SIGKILL) when the owner writes to the control pipe
+  (stop()), when the pipe reaches EOF, or when its parent is no longer the owner (the owner died and the
+  keeper was re-parented). The kernel closes the pipe when the owner dies, however it dies; the parent check
+  and the explicit byte cover an owner whose pipe end lives on in a child forked without exec
+  (multiprocessing's fork start method), where EOF would not come. A crash and a normal stop end the server
+  the same way.
 - Why not PR_SET_PDEATHSIG on the server directly: it fires when the *thread* that forked exits, not the
   process, so a server started from a worker thread (a thread pool, a fixture run in a thread) would be
   killed as soon as that thread returned; and it sends one signal, with nobody to wait for the graceful
@@ -109,6 +110,9 @@ class Kept:
         """Stop the server gracefully (SIGTERM, then SIGKILL after the grace period) and wait for it.
         Idempotent. Returns the server's exit status."""
         if self._control_w is not None:
+            # a byte, not only EOF: a child this process forked without exec may hold a copy of the write end
+            with contextlib.suppress(OSError):
+                os.write(self._control_w, b"stop\n")
             with contextlib.suppress(OSError):
                 os.close(self._control_w)
             self._control_w = None
@@ -164,8 +168,9 @@ def _keep(owner: int, control: int, status: int, grace_s: float, args: list[str]
             ready = []
         if stop_asked:
             why = f"{stop_asked[0]} to the keeper"
-        elif ready and not os.read(control, 4096):
-            why = "owner closed the control pipe (stop, exit or death)"
+        elif ready:
+            asked = os.read(control, 4096)
+            why = "stop asked by the owner" if asked else "owner's control pipe closed (it exited or died)"
         elif os.getppid() != owner:
             why = f"owner pid {owner} is gone"
     _say(f"stopping server pid {server.pid}: {why}; SIGTERM")
