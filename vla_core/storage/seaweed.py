@@ -163,6 +163,7 @@ class SeaweedFS:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.grace_s + 20
+        said = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,6 +174,10 @@ class SeaweedFS:
                 if owner_alive or info is None or time.monotonic() > deadline:
                     os.close(fd)
                     raise StorageError(_in_use_message(self.data_dir, info, owner_alive)) from None
+                if not said:
+                    print(f"SeaweedFS: waiting for the server pid {info.get('server')} of the ended pid "
+                          f"{info.get('owner')} to stop ({self.data_dir})", file=sys.stderr, flush=True)
+                    said = True
                 time.sleep(0.2)
         self._lock_fd = fd
 
