@@ -4,6 +4,7 @@
   (the same folder then starts again at once, data kept), and after Ctrl-C (SIGINT to the foreground
   process group: a graceful stop, nothing half-dead);
 - a server started from a worker thread outlives that thread (why the keeper, not PR_SET_PDEATHSIG);
+- a keeper killed with -9 takes its server along (the server's PR_SET_PDEATHSIG towards the keeper);
 - a SeaweedFS left behind on a data folder (as older versions left it: no keeper, no lock) is stopped at
   start when it is idle, and named (pid, folder, command) when a client still uses it;
 - the test suite's own servers (SeaweedFS, Prometheus, Pushgateway fixtures) are gone after pytest itself
@@ -110,29 +111,54 @@ def test_ctrl_c_stops_the_demos_store_gracefully(tmp_path):
     assert not (data_dir / PID_FILE).exists()
 
 
-def test_a_server_started_from_a_thread_outlives_the_thread(tmp_path):
-    """PR_SET_PDEATHSIG set on the server would kill it when the *thread* that forked it exits."""
+def _pushgateway_args() -> tuple[list[str], str]:
     binary = shutil.which("prometheus-pushgateway")
     if binary is None:
         pytest.fail("prometheus-pushgateway is not installed: scripts/setup.sh installs it (apt-get)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return [binary, f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(kept: Kept, url: str) -> None:
+    from test_telemetry_servers import http_get, wait_until
+
+    def ready():
+        assert kept.poll() is None, f"the server exited with {kept.returncode}"
+        return http_get(f"{url}/-/ready", timeout=2)
+
+    wait_until(ready, url)
+
+
+def test_a_server_started_from_a_thread_outlives_the_thread(tmp_path):
+    """PR_SET_PDEATHSIG set on the server would kill it when the *thread* that forked it exits."""
+    args, url = _pushgateway_args()
     got = {}
     with open(tmp_path / "pg.log", "wb") as log:
-        t = threading.Thread(target=lambda: got.update(
-            kept=Kept([binary, f"--web.listen-address=127.0.0.1:{port}"], log=log)))
+        t = threading.Thread(target=lambda: got.update(kept=Kept(args, log=log)))
         t.start()
         t.join()
     kept = got["kept"]
     try:
-        from test_telemetry_servers import http_get, wait_until
-
-        assert wait_until(lambda: http_get(f"http://127.0.0.1:{port}/-/ready", timeout=2), "the pushgateway")
-        assert kept.poll() is None
+        _wait_ready(kept, url)  # the thread has ended: the server still answers
     finally:
         kept.stop()
     assert not _alive(kept.pid, _start_time(kept.pid))
+
+
+def test_a_keeper_killed_with_minus_9_takes_its_server_along(tmp_path):
+    """The last line of defence: the server has PR_SET_PDEATHSIG(SIGKILL) towards its (single-threaded) keeper."""
+    args, url = _pushgateway_args()
+    with open(tmp_path / "pg.log", "wb") as log:
+        kept = Kept(args, log=log)
+    server = {kept.pid: _start_time(kept.pid)}
+    try:
+        _wait_ready(kept, url)
+    finally:
+        os.kill(kept.keeper.pid, signal.SIGKILL)
+        kept.keeper.wait()
+    _wait_gone(server, "the server of a keeper killed with -9")
 
 
 def _leave_behind(data_dir: Path) -> tuple[subprocess.Popen, int]:
