@@ -102,9 +102,9 @@ def in_training(work_run: Path) -> bool:
 
 
 def after_a_checkpoint(work_run: Path) -> bool:
-    """A cell has saved a checkpoint and is still training."""
-    return any(not (m.parents[2] / "done.json").exists()
-               for m in work_run.glob("*/*/seed*/checkpoints/step_*/_manifest.json"))
+    """A cell has saved a checkpoint (`checkpoints/latest` names it once it is complete) and still trains."""
+    return any(p.read_text().strip() and not (p.parents[1] / "done.json").exists()
+               for p in work_run.glob("*/*/seed*/checkpoints/latest"))
 
 
 def in_evaluation(work_run: Path) -> bool:
