@@ -50,12 +50,14 @@ def free_port() -> int:
 
 
 def start_pushgateway(root: Path):
+    """A Pushgateway under a keeper (vla_core.keeper): it ends with this benchmark, even one killed with -9."""
+    from vla_core.keeper import Kept
+
     binary = shutil.which("prometheus-pushgateway")
     if binary is None:
         return None, None
     port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = Kept([binary, f"--web.listen-address=127.0.0.1:{port}"], log=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 30
     while time.monotonic() < end:
@@ -64,7 +66,7 @@ def start_pushgateway(root: Path):
             return proc, url
         except OSError:
             time.sleep(0.1)
-    proc.kill()
+    proc.stop()
     raise SystemExit("prometheus-pushgateway did not become ready in 30 s")
 
 
@@ -215,8 +217,7 @@ def main() -> None:
         telemetry.shutdown()
     finally:
         if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=10)
+            gateway.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     off_ms = statistics.median(times["off"]) * 1e3

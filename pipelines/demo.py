@@ -9,7 +9,8 @@ through kfp.local (each task a subprocess of this Python), with the offline
 MetaWorld benchmark's arguments: scripted-expert data on three easy tasks (64 px), the tiny world encoder
 (random V-JEPA 2 weights, m = 4), the tiny Qwen3-VL policy (preset "demo"), the four cells E0 / E2 x
 MSE / flow, closed-loop evaluation at the evaluation seed (E2 also with zero / random / shuffled memory),
-and the report. The results store is an embedded SeaweedFS S3 server (data in DIR/s3, stopped at the end):
+and the report. The results store is an embedded SeaweedFS S3 server (data in DIR/s3, stopped at the end,
+also when the demo is killed: vla_core.keeper; a killed demo resumes with the same command):
 the tasks publish to s3://wmvla-demo/runs/demo as pods on a cluster would, and the demo pulls the run back
 with the storage API (`wmvla results pull`) into DIR/results, as a researcher would, and prints its table.
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["env_names", "utils", "telemetry", "storage", "data", "world", "policy", "train", "envs", "eval",
+ORDER = ["env_names", "utils", "keeper", "telemetry", "storage", "data", "world", "policy", "train", "envs", "eval",
          "experiments", "cli"]
 CORE = ROOT / "vla_core"
 OUR_PACKAGES = ("vla_core", "components", "pipelines")

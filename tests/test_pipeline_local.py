@@ -1,4 +1,5 @@
-"""The matrix pipeline run for real through kfp.local (tiny settings, a real S3 server on loopback), and a
+"""The matrix pipeline run for real through kfp.local (tiny settings, a real S3 server on loopback), also as
+`wmvla pipeline run --local` killed with -9 in evaluation and run again (the same results), and a
 train microjob killed mid-run that resumes from the bucket on a fresh "pod" (an empty work folder)."""
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+ARGS = dict(dataset="metaworld", preset="demo", cells=["E0-mse", "E2-flow"], seeds=[0], steps=12, batch_size=8,
+            eval_env="", eval_suite="", episodes=1, workers=1, ablations=["zero"],
+            metaworld_tasks="button-press-topdown", metaworld_episodes=2, device="cpu")
+
+
 def test_local_pipeline_end_to_end(tmp_path, s3_env):
     """Data generation -> latents -> two cells (E0-mse, E2-flow with the zero-memory ablation) -> report,
-    every task a kfp.local subprocess; the run is then pulled from the bucket as a researcher would."""
+    every task a kfp.local subprocess; the run is then pulled from the bucket as a researcher would.
+    Then the same run as `wmvla pipeline run --local` with the same results store, killed with -9 in the middle
+    of evaluation, and run again: it ends with the same results (losses, episodes, final weights)."""
     from pipelines.cli import run_local
     from vla_core.storage import open_store, pull_run
 
     results = s3_env.create_bucket("pipeline-local") + "/runs"
-    run_local(dict(dataset="metaworld", results_uri=results, run_name="tiny", preset="demo", cells=["E0-mse", "E2-flow"],
-                   seeds=[0], steps=4, batch_size=8, eval_env="", eval_suite="", episodes=1, workers=1,
-                   ablations=["zero"], metaworld_tasks="button-press-topdown", metaworld_episodes=2, device="cpu",
-                   workdir=str(tmp_path / "work")), tmp_path / "kfp")
+    run_local(dict(ARGS, results_uri=results, run_name="tiny", workdir=str(tmp_path / "work")), tmp_path / "kfp")
 
     pulled = pull_run(f"{results}/tiny", tmp_path / "pulled")
     assert pulled["complete"]
@@ -48,6 +53,24 @@ def test_local_pipeline_end_to_end(tmp_path, s3_env):
     out = json.loads(next((tmp_path / "kfp").glob("*/report/executor_output.json")).read_text())
     metrics = out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert set(metrics) == {"success/E0-mse-none", "success/E2-flow-pred", "success/E2-flow-zero"}
+
+    # killed and resumed: the command a user types, in its own process group (killed with its tasks)
+    from test_experiments_demo import finished_evaluations, in_evaluation, kill_when, run_results, start_killable
+
+    cmd = [sys.executable, "-m", "vla_core.cli", "pipeline", "run", "--local",
+           "--pipeline-root", str(tmp_path / "kfp2"),
+           *(f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in ARGS.items()),
+           f"results_uri={results}", "run_name=tiny-killed", f"workdir={tmp_path / 'work2'}"]
+    work_run = tmp_path / "work2" / "store" / "pipeline-local" / "runs" / "tiny-killed"
+    log = tmp_path / "killed.log"
+    # in evaluation (a kill in training: the demo's test, and the train task's test below)
+    kill_when(start_killable(cmd, log), lambda: in_evaluation(work_run), "evaluation", log)
+    assert finished_evaluations(work_run) < 3, "killed after every evaluation had finished"
+    again = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    pull_run(f"{results}/tiny-killed", tmp_path / "pulled-killed")
+    assert run_results(tmp_path / "pulled-killed", work_run) == run_results(
+        tmp_path / "pulled", tmp_path / "work" / "store" / "pipeline-local" / "runs" / "tiny")
 
 
 def _train_in_subprocess(item: dict, dataset: str, latents: str, workdir: Path, log: Path) -> subprocess.Popen:

@@ -262,8 +262,12 @@ def test_seaweed_requires_auth_and_one_server_per_folder(s3_server):
     assert e.value.code == 403
     from vla_core.storage.seaweed import SeaweedFS
 
-    with pytest.raises(StorageError, match="another SeaweedFS server is using this data folder"):
+    with pytest.raises(StorageError, match="another SeaweedFS server is using this data folder") as e:
         SeaweedFS(s3_server.data_dir).start()
+    # names the server, the process that owns it (this one, still running) and the command that stops it
+    msg = str(e.value)
+    assert f"server pid {s3_server.proc.pid}, started by pid {os.getpid()}" in msg, msg
+    assert f"`kill {s3_server.proc.keeper.pid}`" in msg and str(s3_server.data_dir) in msg, msg
     assert s3_server.proc.poll() is None
 
 

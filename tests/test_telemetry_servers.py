@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from vla_core import env_names, telemetry
+from vla_core.keeper import Kept
 from vla_core.telemetry import exposure
 from vla_core.utils import read_jsonl
 
@@ -55,29 +55,30 @@ def http_get(url: str, timeout: float = 5.0) -> str:
         return r.read().decode()
 
 
-def start_server(args: list[str], url: str, log: Path) -> subprocess.Popen:
+def start_server(args: list[str], url: str, log: Path) -> Kept:
+    """Started under a keeper (vla_core.keeper): it ends with this pytest process, even one killed with -9."""
     binary = shutil.which(args[0])
     if binary is None:
         pytest.fail(f"{args[0]} is not installed: scripts/setup.sh installs Debian's prometheus and "
                     "prometheus-pushgateway (apt-get install prometheus prometheus-pushgateway)")
-    proc = subprocess.Popen([binary, *args[1:]], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        proc = Kept([binary, *args[1:]], log=out)
 
     def ready():
         if proc.poll() is not None:
             raise AssertionError(f"{args[0]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
         return http_get(f"{url}/-/ready", timeout=2) is not None
 
-    wait_until(ready, f"{args[0]} at {url}")
+    try:
+        wait_until(ready, f"{args[0]} at {url}")
+    except BaseException:
+        proc.stop()
+        raise
     return proc
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_server(proc: Kept) -> None:
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
