@@ -117,7 +117,10 @@ MODULE_COMMANDS = {
 }
 # Flags of other programs quoted in messages (torchrun, accelerate, hf, pip) and the generic options cli.py
 # handles before tyro (tests/test_cli.py covers those).
-OTHER_PROGRAMS = {"--nproc_per_node", "--num_processes", "--standalone", "--repo-type", "--local-dir", "--no-deps"}
+# vla_core/keeper.py's own command line (`python -m vla_core.keeper`, started by Kept, never by a user) and
+# benchmarks/bench_storage.py's --latency-ms (named in netproxy's docstring) too.
+OTHER_PROGRAMS = {"--nproc_per_node", "--num_processes", "--standalone", "--repo-type", "--local-dir", "--no-deps",
+                  "--control", "--grace", "--owner", "--status", "--latency-ms"}
 GENERIC = {"--help", "--config", "--preset", "--print-config", "--flag"}
 # Required positional arguments, so that --print-config can run.
 POSITIONAL = {"data inspect": ["DS"], "data generate": ["metaworld", "--out", "DS"], "latents": ["DS"], "prophet train": ["CACHE"],

@@ -103,7 +103,10 @@ def _hub_answers(repo: str, revision: str | None, repo_type: str, timeout_s: flo
 def _cached(repo: str, revision: str | None, repo_type: str, filename: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
+    # the cache folder from this process's environment now: huggingface_hub fixes its default at import
+    cache_dir = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get(env_names.HF_HOME) or os.path.expanduser("~/.cache/huggingface"), "hub")
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision, repo_type=repo_type)
     return isinstance(found, str)
 
 
