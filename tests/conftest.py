@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 
@@ -52,6 +54,18 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """One bucket per test module (SeaweedFS makes a collection and volumes per bucket, ~1 s each): s3://NAME."""
+    return s3_server.create_bucket("m" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture
+def s3(s3_env, bucket):
+    """conftest's s3_env (the server's credentials in the environment) and a fresh prefix for this test."""
+    return f"{bucket}/{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

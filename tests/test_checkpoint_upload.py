@@ -33,16 +33,6 @@ from vla_core.utils import read_jsonl
 BOUND_S = 300  # a bound on waiting for the training subprocess / thread, never an assertion on speed
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server):
-    return s3_server.create_bucket("u" + uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def s3(s3_env, bucket):
-    return f"{bucket}/{uuid.uuid4().hex[:8]}"
-
-
 @pytest.fixture
 def gate(s3_server, monkeypatch):
     """The session's SeaweedFS behind a loopback proxy that the test can freeze; the process talks to the proxy."""

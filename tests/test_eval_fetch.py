@@ -27,11 +27,6 @@ from vla_core.utils import WmvlaError, read_jsonl
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server):
-    return s3_server.create_bucket("f" + uuid.uuid4().hex[:12])
-
-
-@pytest.fixture(scope="module")
 def trained(bucket, s3_server, data, tmp_path_factory):
     """One tiny E2 run with EMA, checkpoints at steps 3 and 6 (both kept), uploaded as training does."""
     env = s3_server.env()

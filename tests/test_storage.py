@@ -10,7 +10,6 @@ import os
 import socket
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,18 +32,11 @@ from vla_core.storage import store as store_mod
 from vla_core.storage.store import S3Store
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server):
-    # one bucket per module: SeaweedFS makes a collection (and volumes) per bucket, ~1 s each
-    return s3_server.create_bucket("t" + uuid.uuid4().hex[:12])
-
-
 @pytest.fixture
-def s3(s3_env, bucket, monkeypatch):
-    """The server's credentials in the environment (conftest's s3_env, as a pod gets them) and a fresh prefix
-    for this test."""
+def s3(s3, monkeypatch):
+    """conftest's s3 (the server's credentials in the environment, a fresh prefix) with few retries."""
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    return f"{bucket}/{uuid.uuid4().hex[:8]}"
+    return s3
 
 
 def _tree(root: Path) -> Path:

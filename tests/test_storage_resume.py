@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -21,17 +20,6 @@ from vla_core.storage import MANIFEST, open_store
 from vla_core.train.config import OptimConfig, get_preset
 from vla_core.train.loop import train
 from vla_core.utils import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server):
-    return s3_server.create_bucket("r" + uuid.uuid4().hex[:12])
-
-
-@pytest.fixture
-def s3(s3_env, bucket):
-    """conftest's s3_env (the server's credentials in the environment) and a fresh prefix for this test."""
-    return f"{bucket}/{uuid.uuid4().hex[:8]}"
 
 
 def _cfg(data, out_root, remote, **changes):
