@@ -44,6 +44,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -131,6 +132,15 @@ def _timeit(step, warmup: int, iters: int, device) -> float:
 
 def bench_hf(cfg, inputs: dict, act_token_id: int, action_dim: int, chunk: int, finetune: str, weights: str,
              device, warmup: int, iters: int) -> float:
+    step = make_hf_step(cfg, inputs, act_token_id, action_dim, chunk, finetune, weights, device)
+    sec = _timeit(step, warmup, iters, device)
+    del step
+    return sec
+
+
+def make_hf_step(cfg, inputs: dict, act_token_id: int, action_dim: int, chunk: int, finetune: str, weights: str,
+                 device):
+    """The plain Hugging Face training step (see the module doc) as a closure over its model and optimizer."""
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -157,9 +167,7 @@ def bench_hf(cfg, inputs: dict, act_token_id: int, action_dim: int, chunk: int, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec = _timeit(step, warmup, iters, device)
-    del model, opt, head
-    return sec
+    return step
 
 
 def save_random_backbone(cfg, folder) -> None:
@@ -277,21 +285,32 @@ def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
 
 
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
-               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False) -> dict:
+               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
+               trace_path: str = "", compile_mode: str | None = None) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
-    backward, fused AdamW over the fp32 trainable weights."""
+    backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
+    from vla_core.train.checks import check_step_finite
+
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
     if compile_:
-        policy.compile_blocks()
+        policy.compile_blocks(mode=compile_mode)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
+    cuda_graphs = bool(compile_mode) and "reduce-overhead" in compile_mode
+
     def step():
-        out = policy(inputs)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if cuda_graphs:  # a new training step: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.profiler.record_function("forward"):
+            out = policy(inputs, defer_checks=True)  # as the trainer runs it: checks read after backward
+        with torch.profiler.record_function("backward"):
+            out["loss"].backward()
+            check_step_finite(out, 0)
+        with torch.profiler.record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
     step()  # the first step (compilation, allocator warm-up) is timed on its own
@@ -302,21 +321,63 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
            "first_step_s": round(first, 1)}
     if profile and device.type == "cuda":
         res["kernel_mix"] = kernel_mix(step)
+        res["host_profile"] = host_profile(step, trace_path)
     del policy, opt, inputs, params
     return res
 
 
+def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
+              act_token_id: int, action_dim: int, chunk: int, rounds: int, iters: int) -> dict:
+    """The plain HF bf16 step and our compiled step (full fine-tune), both built once in one process and timed
+    in alternating rounds of `iters` steps: the lent machine's speed drifts between runs (the HF step measured
+    392-491 ms on different days' machines), so the ratio is taken per round and its median reported."""
+    from vla_core.train.checks import check_step_finite
+
+    hf_step = make_hf_step(cfg, inputs, act_token_id, action_dim, chunk, "full", "bf16", device)
+    policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
+    policy.compile_blocks()
+    ours_inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
+    opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=True)
+
+    def ours_step():
+        out = policy(ours_inputs, defer_checks=True)
+        out["loss"].backward()
+        check_step_finite(out, 0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = {"hf_bf16": [], "ours_compiled": []}
+    for r in range(rounds):
+        for name, step in (("hf_bf16", hf_step), ("ours_compiled", ours_step)):
+            rows[name].append(_timeit(step, 2 if r == 0 else 1, iters, device))
+        print(f"[alternate] round {r}: hf_bf16 {rows['hf_bf16'][-1] * 1e3:.1f} ms, ours_compiled "
+              f"{rows['ours_compiled'][-1] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    ratios = sorted(h / o for h, o in zip(rows["hf_bf16"], rows["ours_compiled"]))
+    seq = int(ours_inputs["input_ids"].shape[1])
+    flops = model_flops(policy, batch, seq, "full")
+    med = statistics.median(rows["ours_compiled"])
+    del hf_step, policy, opt
+    return {"rounds": rounds, "iters_per_round": iters,
+            "hf_bf16_ms": [round(x * 1e3, 1) for x in rows["hf_bf16"]],
+            "ours_compiled_ms": [round(x * 1e3, 1) for x in rows["ours_compiled"]],
+            "ratio_per_round_sorted": [round(x, 3) for x in ratios], "ratio_median": round(statistics.median(ratios), 3),
+            "ours_median_ms": round(med * 1e3, 1), "tflop_per_step": round(flops / 1e12, 2),
+            "mfu_vs_datasheet_median": round(flops / med / 1e12 / DATASHEET_BF16_TFLOPS["H200"], 3)}
+
+
 def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
                        compile_: bool = False) -> dict:
-    """Loss and gradients of the batched vs the per-image vision attention (and vs the compiled blocks), same
-    policy, same batch: relative L2 error of all gradients together and of the worst tensors."""
+    """Loss and gradients of our fast vision path (batched attention, patch embedding as a matmul, grid inputs
+    precomputed) vs transformers' own (per-image attention, Conv3d, grid inputs per call), and vs the compiled
+    blocks; same policy, same batch: relative L2 error of all gradients together and of the worst tensors."""
     from vla_core.policy.backbone import set_batched_vision_attention
 
     policy = build_policy(folder, image_px, n_act, "full", device, world_dim, batched=True)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
     results = []
-    for on in (True, False):
+    for on in (True, False):  # the whole fast path vs transformers' own code
         set_batched_vision_attention(policy.backbone.model, on)
+        policy.backbone.precompute_vision_inputs = on
         policy.zero_grad(set_to_none=True)
         out = policy(inputs)
         out["loss"].backward()
@@ -324,6 +385,7 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
                                               if p.grad is not None}))
     if compile_:  # the compiled blocks against the eager batched path
         set_batched_vision_attention(policy.backbone.model, True)
+        policy.backbone.precompute_vision_inputs = True
         policy.compile_blocks()
         for _ in range(2):  # compile, then the measured call
             policy.zero_grad(set_to_none=True)
@@ -343,8 +405,8 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
         return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
                 "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
 
-    out = {"reference": "eager, batched vision attention", "loss_reference": ref_loss,
-           "per_image_attention": compare(*results[1])}
+    out = {"reference": "eager, fast vision path (batched attention, patch matmul, precomputed grid inputs)",
+           "loss_reference": ref_loss, "transformers_vision_path": compare(*results[1])}
     if compile_:
         out["compiled_blocks"] = compare(*results[2])
     return out
@@ -357,6 +419,7 @@ def memory_cell(folder: str, image_px: int, n_act: int, device, world_dim: int, 
                 warmup: int, iters: int, profile: bool) -> dict:
     """The libero-2b cell under a per-process memory cap: the auto plan for that cap + fixed variants."""
     from vla_core.train.config import get_preset
+    from vla_core.train.checks import check_step_finite
     from vla_core.train.loop import build_optimizer, global_loss_weights
     from vla_core.train.memory import MemoryPlan, estimate, plan_memory, shape_of, split_batch
 
@@ -403,8 +466,9 @@ def memory_cell(folder: str, image_px: int, n_act: int, device, world_dim: int, 
                 weights, _ = global_loss_weights(policy, parts, one)
                 total_loss = 0.0
                 for i, b in enumerate(parts):
-                    res = policy(b, loss_weights=weights[i])
+                    res = policy(b, loss_weights=weights[i], defer_checks=True)
                     (res["loss"] / len(parts)).backward()
+                    check_step_finite(res, 0)
                     total_loss += res["loss"].detach() / len(parts)
                 torch.nn.utils.clip_grad_norm_(list(params.values()), o.grad_clip)
                 opt.step()
@@ -466,6 +530,67 @@ def kernel_mix(step) -> dict:
             "l40s_estimate_ms": round(l40s, 0)}
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def host_profile(step, trace_path: str = "") -> dict:
+    """Where a step waits on the host (torch.profiler with CPU + CUDA activities and Python stacks).
+
+    Reports: wall time; GPU busy time (union of kernel intervals) and idle time per phase (the step's
+    `record_function` ranges forward / backward / optimizer, where the step has them); device synchronisations
+    (blocking CUDA runtime calls) with the Python line that caused each kind; the CPU operators with the most
+    self time. A host-bound step shows as GPU idle time inside the forward: every sync drains the queue, and
+    the GPU then waits for Python to launch the next kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    merged: list[list[float]] = []
+    for a, b in kernels:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+
+    def busy_in(a: float, b: float) -> float:
+        return sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged)
+
+    phases = {}
+    for e in events:
+        if e.name in ("forward", "backward", "optimizer") and e.device_type.name == "CPU":
+            a, b = e.time_range.start, e.time_range.end
+            busy = busy_in(a, b)
+            phases[e.name] = {"cpu_ms": round((b - a) / 1e3, 1), "gpu_busy_ms": round(busy / 1e3, 1),
+                              "gpu_idle_ms": round((b - a - busy) / 1e3, 1)}
+    syncs: dict[str, dict] = {}
+    for e in events:
+        if e.device_type.name == "CPU" and any(e.name.startswith(s) for s in SYNC_CALLS):
+            frames = [f for f in (e.stack or []) if ".py(" in f and "torch/" not in f.replace("\\", "/")]
+            where = frames[0] if frames else (e.stack[0] if e.stack else "?")
+            key = f"{e.name} @ {where}"
+            d = syncs.setdefault(key, {"count": 0, "ms": 0.0})
+            d["count"] += 1
+            d["ms"] += (e.time_range.end - e.time_range.start) / 1e3
+    top_syncs = sorted(syncs.items(), key=lambda kv: -kv[1]["ms"])[:25]
+    cpu_ops = sorted((evt for evt in prof.key_averages() if evt.self_cpu_time_total > 0),
+                     key=lambda evt: -evt.self_cpu_time_total)[:25]
+    busy_total = sum(b - a for a, b in merged)
+    return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_busy_ms": round(busy_total / 1e3, 1),
+            "phases": phases, "sync_calls": sum(d["count"] for d in syncs.values()),
+            "syncs": [{"where": k, "count": v["count"], "ms": round(v["ms"], 2)} for k, v in top_syncs],
+            "top_cpu_ops": [{"op": evt.key, "count": evt.count, "self_cpu_ms": round(evt.self_cpu_time_total / 1e3, 2)}
+                            for evt in cpu_ops]}
+
+
 def matmul_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -503,6 +628,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"speed rows to run, of {ROWS} (ours_compiled also with --compile); 'none' for none")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(ROWS))
     ap.add_argument("--compile", action="store_true", help="add the ours_compiled row")
+    ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                    help="full fine-tune: hf_bf16 and ours_compiled built once, timed in ROUNDS alternating rounds")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the ours_compiled row "
+                    "(default: inductor's default; reduce-overhead = CUDA graphs per block)")
     ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
     ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
     ap.add_argument("--cap-gb", type=float, default=48.0)
@@ -512,6 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "same plan without compile; CKPT-MICRO-ADAM-EMA = fixed settings")
     ap.add_argument("--profile", action="store_true",
                     help="kernel mix (+ L40S estimate) of each ours row's step and of the memory cell's step")
+    ap.add_argument("--trace-dir", default="", help="with --profile: write each ours row's Chrome trace here")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     tiny = args.tiny
@@ -532,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
     act_token_id = cfg.text_config.vocab_size - 1  # an ordinary id standing in for <ACT>: same cost as a new row
     inputs = hf_inputs(cfg, batch, image_px, n_images, prompt_tokens, n_act, act_token_id, device)
     tmp = tempfile.TemporaryDirectory(prefix="wmvla_bench_")
-    needs_folder = any(r.startswith("ours") for r in rows) or args.check or args.memory_cell
+    needs_folder = any(r.startswith("ours") for r in rows) or args.check or args.memory_cell or args.alternate
     if needs_folder:
         t0 = time.perf_counter()
         save_random_backbone(cfg, tmp.name)
@@ -559,14 +689,17 @@ def main(argv: list[str] | None = None) -> dict:
                 if name.startswith("ours"):
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
                                    batched=name != "ours_ref", compile_=name == "ours_compiled",
-                                   profile=args.profile)
+                                   profile=args.profile,
+                                   trace_path=f"{args.trace_dir}/{finetune}_{name}.json" if args.trace_dir else "",
+                                   compile_mode=args.compile_mode)
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
                                  "peak_gb": r["peak_gb"], "first_step_s": r["first_step_s"],
                                  "model_flop_per_step": r["flops"], "tflop_per_step": round(r["flops"] / 1e12, 2),
                                  "achieved_tflops": round(r["flops"] / r["sec"] / 1e12, 1)}
-                    if "kernel_mix" in r:
-                        row[name]["kernel_mix"] = r["kernel_mix"]
+                    for key in ("kernel_mix", "host_profile"):
+                        if key in r:
+                            row[name][key] = r[key]
                     if peak_sheet:
                         row[name]["mfu_vs_datasheet"] = round(r["flops"] / r["sec"] / 1e12 / peak_sheet, 3)
                     if result["matmul_bf16_tflops_measured"]:
@@ -592,6 +725,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if ours and other and mine != base:
                     row[f"{mine}_over_{base}"] = round(ours / other, 3)
         result["results"][finetune] = row
+    if args.alternate:
+        _free(device)
+        result["alternate"] = alternate(cfg, inputs, tmp.name, batch, image_px, n_act, device, world_dim, act_token_id,
+                                        action_dim, chunk, args.alternate, iters)
+        print(f"[alternate] {result['alternate']}", file=sys.stderr, flush=True)
     if args.check:
         _free(device)
         result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,

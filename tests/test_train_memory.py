@@ -337,9 +337,81 @@ def test_batched_vision_attention_gives_the_same_loss_and_gradients(monkeypatch)
     assert_same_grads(results[0][1], results[1][1], rtol=1e-5)
 
 
+def test_grid_inputs_are_computed_once_and_give_the_same_loss_and_gradients(monkeypatch):
+    """The vision tower's grid-derived inputs (interpolation taps, rotary positions, sequence boundaries) come
+    precomputed, once per grid, from transformers' own functions: the same loss and gradients, and no call
+    computes them again (the per-image loops with a host sync each are what this removes on the GPU)."""
+    import transformers.models.qwen3_vl.modeling_qwen3_vl as hf_qwen3_vl
+
+    policy = build(finetune="full", memory="pred")
+    inputs = policy.prepare(random_batch(policy.cfg, batch_size=3, seed=4))
+    computed = []
+    original = hf_qwen3_vl.get_vision_position_ids
+
+    def spy(grid_thw, *args, kwargs=None, **kw):
+        computed.append(not (kwargs and "position_ids" in kwargs))
+        return original(grid_thw, *args, kwargs=kwargs, **kw)
+
+    monkeypatch.setattr(hf_qwen3_vl, "get_vision_position_ids", spy)
+    results = []
+    for on in (True, True, False):
+        policy.backbone.precompute_vision_inputs = on
+        policy.zero_grad(set_to_none=True)
+        computed.clear()
+        out = policy(inputs)
+        out["loss"].backward()
+        results.append((float(out["loss"].detach()), grads(policy), list(computed)))
+    assert results[0][2] == [False] and results[1][2] == [False]  # precomputed, in both steps
+    assert results[2][2] == [True]  # transformers computes them itself
+    assert len(policy.backbone.vision_grid_inputs._cache) == 1  # one grid: one entry, reused
+    assert results[0][0] == results[2][0]
+    assert_same_grads(results[0][1], results[2][1], rtol=1e-6)
+
+
+def test_patch_embedding_matmul_equals_the_convolution():
+    from vla_core.policy.backbone import set_batched_vision_attention
+
+    policy = build(finetune="full", memory="none")
+    embed = policy.backbone.model.visual.patch_embed
+    assert hasattr(embed, "_wmvla_hf_forward")  # routed through the matmul
+    x = torch.randn(12, embed.proj.weight[0].numel(), requires_grad=True)
+    outs = []
+    for on in (True, False):
+        set_batched_vision_attention(policy.backbone.model, on)
+        embed.zero_grad(set_to_none=True)
+        y = embed(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), embed.proj.weight.grad.clone(), embed.proj.bias.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_checks_find_a_non_finite_memory_after_backward_before_any_update():
+    from vla_core.train.checks import check_step_finite
+
+    policy = build(memory="oracle", rollout_memory="pred")
+    batch = random_batch(policy.cfg, batch_size=2, seed=5)
+    out = policy(batch, defer_checks=True)  # no host sync inside the step: nothing raised yet
+    assert bool(out["memory_finite"])
+    out["loss"].backward()
+    check_step_finite(out, step=0)  # finite: passes
+    batch["world_future"][0, 0, 0] = float("inf")
+    before = {n: p.detach().clone() for n, p in policy.trainable_parameters()}
+    out = policy(batch, defer_checks=True)
+    assert not bool(out["memory_finite"])
+    out["loss"].backward()
+    with pytest.raises(WmvlaError, match="world memory contains NaN/Inf"):
+        check_step_finite(out, step=3)
+    assert all(torch.equal(p, before[n]) for n, p in policy.trainable_parameters())
+    bad = {"action_loss": torch.tensor(float("nan")), "world_loss": torch.tensor(0.0)}
+    with pytest.raises(WmvlaError, match="step 7: non-finite loss"):
+        check_step_finite(bad, step=7)
+
+
 def test_compiled_blocks_give_the_same_loss_and_gradients():
     a, b = build(finetune="full", memory="pred"), build(finetune="full", memory="pred")
-    assert a.compile_blocks() == a.cfg.tiny.num_layers + a.cfg.tiny.vision_depth
+    # decoder layers + vision blocks + the policy's state projection, Prophet, memory attention and MSE head
+    assert a.compile_blocks() == a.cfg.tiny.num_layers + a.cfg.tiny.vision_depth + 4
     inputs = a.prepare(random_batch(a.cfg, batch_size=2, seed=2))
     la, lb = a(inputs)["loss"], b(inputs)["loss"]
     la.backward()

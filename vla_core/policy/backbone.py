@@ -339,9 +339,22 @@ def _batched_vision_attention_forward(self, hidden_states: torch.Tensor, cu_seql
     return self.proj(out.transpose(1, 2).reshape(seq, -1))
 
 
+def _patch_embed_matmul_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's patch embedding (a Conv3d whose kernel equals its stride: one dot product per patch) as one
+    matmul over the flattened patches. cuDNN picks an implicit-GEMM convolution for it (1.9 ms forward at
+    batch 32 on the H200, docs/benchmarks.md); the matmul is the same function (weights flattened in the
+    conv's (C, T, P, P) order, which is the patch layout) at a few percent of that time."""
+    if not self._wmvla_batched:
+        return self._wmvla_hf_forward(hidden_states)
+    weight = self.proj.weight
+    x = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return torch.nn.functional.linear(x, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
 def batch_vision_attention(model: nn.Module, patches_per_image: int) -> int:
     """Route every Qwen3-VL vision attention module of `model` through `_batched_vision_attention_forward`
-    (patches_per_image = (image_size / patch_size)^2). Returns the number of modules changed."""
+    (patches_per_image = (image_size / patch_size)^2), and the patch embedding through
+    `_patch_embed_matmul_forward`. Returns the number of attention modules changed."""
     import types
 
     n = 0
@@ -352,15 +365,99 @@ def batch_vision_attention(model: nn.Module, patches_per_image: int) -> int:
             module._wmvla_batched = True  # set_batched_vision_attention(model, False): transformers' path
             module.forward = types.MethodType(_batched_vision_attention_forward, module)
             n += 1
+    embed = getattr(model.visual, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if (isinstance(proj, nn.Conv3d) and tuple(proj.kernel_size) == tuple(proj.stride) and proj.padding == (0, 0, 0)
+            and proj.groups == 1 and not hasattr(embed, "_wmvla_hf_forward")):
+        embed._wmvla_hf_forward = embed.forward
+        embed._wmvla_batched = True
+        embed.forward = types.MethodType(_patch_embed_matmul_forward, embed)
     return n
 
 
 def set_batched_vision_attention(model: nn.Module, on: bool) -> None:
-    """Switch modules routed by `batch_vision_attention` between the batched and transformers' path (the
-    equivalence checks compare the two on one model)."""
+    """Switch modules routed by `batch_vision_attention` (attention, patch embedding) between the fast and
+    transformers' path (the equivalence checks compare the two on one model)."""
     for module in model.visual.modules():
         if hasattr(module, "_wmvla_batched"):
             module._wmvla_batched = bool(on)
+
+
+VISION_PRECOMPUTED_KEYS = ("interp_indices", "interp_weights", "position_ids", "cu_seqlens", "max_seqlen")
+
+
+class VisionGridInputs:
+    """The vision tower's grid-derived inputs, computed once per image grid by transformers' own functions.
+
+    Qwen3-VL's vision forward derives, from `grid_thw`, the position-embedding interpolation taps, the rotary
+    position ids and the attention sequence boundaries, in Python loops over the images with a host sync per
+    image (`.tolist()` / `.item()` on a GPU tensor): at batch 32 with two cameras, ~15 ms per step before the
+    first vision kernel starts (docs/benchmarks.md, issue 21). The grid is the same every step (every camera is
+    resized to `image_size`), so these tensors are computed once on the CPU, moved to the device and handed to
+    the tower precomputed: transformers' `vision_utils` functions pop them from the forward's kwargs when given
+    (the documented way to keep these data-dependent steps out of compiled graphs). Same functions, same values.
+    `None` from `for_visual` when this transformers version or model has no such hook (then the grid goes to the
+    device and transformers computes as before).
+    """
+
+    def __init__(self, visual: nn.Module, max_entries: int = 8):
+        from transformers import vision_utils
+
+        self._vu = vision_utils
+        self.visual = visual
+        self.max_entries = max_entries
+        self.enabled = True  # off: transformers computes them from the grid (the equivalence checks)
+        self._cache: dict[tuple, dict] = {}
+
+    @classmethod
+    def install(cls, visual: nn.Module) -> "VisionGridInputs | None":
+        """Wrap `visual.forward`: a call with a CPU `grid_thw` gets the precomputed kwargs (a device grid: as
+        before). They cannot travel through the model's forward kwargs, which also reach the language model
+        (whose `position_ids` are another tensor)."""
+        import types
+
+        try:
+            from transformers import vision_utils
+        except ImportError:
+            return None
+        fns = ("get_vision_interpolation_indices_and_weights", "get_vision_position_ids",
+               "get_vision_attention_seqlens")
+        attrs = ("num_grid_per_side", "interpolation_mode", "interpolation_align_corners", "spatial_merge_size")
+        if not all(hasattr(vision_utils, f) for f in fns) or not all(hasattr(visual, a) for a in attrs):
+            return None
+        grid_inputs = cls(visual)
+        # state on the module, as batch_vision_attention does (a copy of the module stays self-contained)
+        visual._wmvla_hf_forward = visual.forward
+        visual._wmvla_grid_inputs = grid_inputs
+        visual.forward = types.MethodType(_vision_forward_with_grid_inputs, visual)
+        return grid_inputs
+
+    def __call__(self, grid_thw: torch.Tensor, device: torch.device) -> dict:
+        """Precomputed kwargs for the tower's forward; `grid_thw` must be a CPU tensor (no host sync)."""
+        key = (str(device), tuple(map(tuple, grid_thw.tolist())))
+        entry = self._cache.get(key)
+        if entry is None:
+            vu, visual = self._vu, self.visual
+            interp_indices, interp_weights = vu.get_vision_interpolation_indices_and_weights(
+                grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
+            position_ids = vu.get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+            cu_seqlens, max_seqlen = vu.get_vision_attention_seqlens(grid_thw, visual.config)
+            entry = {"interp_indices": interp_indices.to(device), "interp_weights": interp_weights.to(device),
+                     "position_ids": position_ids.to(device), "cu_seqlens": cu_seqlens.to(device),
+                     "max_seqlen": max_seqlen}
+            if len(self._cache) >= self.max_entries:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = entry
+        return dict(entry)  # a copy: the tower pops what it uses
+
+
+def _vision_forward_with_grid_inputs(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None,
+                                     **kwargs):
+    grid_inputs = self._wmvla_grid_inputs
+    if grid_inputs.enabled and grid_thw is not None and grid_thw.device.type == "cpu":
+        kwargs = {**grid_inputs(grid_thw, hidden_states.device), **kwargs}
+    return self._wmvla_hf_forward(hidden_states, grid_thw=grid_thw, **kwargs)
 
 
 class VLBackbone(nn.Module):
@@ -423,8 +520,19 @@ class VLBackbone(nn.Module):
         self.batched_vision_attention = 0
         if cfg.batched_vision_attention and self.family == "qwen3_vl":  # Qwen2.5-VL attends in windows: as is
             self.batched_vision_attention = batch_vision_attention(model, (cfg.image_size // self.patch_size) ** 2)
+        # Qwen3-VL: grid-derived vision inputs computed once per grid (None: transformers computes them per call)
+        self.vision_grid_inputs = VisionGridInputs.install(model.visual) if self.family == "qwen3_vl" else None
 
     # -------------------------------------------------------------------------------------------- parts
+
+    @property
+    def precompute_vision_inputs(self) -> bool:
+        return self.vision_grid_inputs is not None and self.vision_grid_inputs.enabled
+
+    @precompute_vision_inputs.setter
+    def precompute_vision_inputs(self, on: bool) -> None:
+        if self.vision_grid_inputs is not None:
+            self.vision_grid_inputs.enabled = bool(on)
 
     @property
     def act_embedding(self) -> ActTokenEmbedding:
@@ -453,6 +561,10 @@ class VLBackbone(nn.Module):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None and self.vectorized_positions:
             position_ids = mrope_position_ids(mm_token_type_ids, attention_mask, self.merged_grid, self.merged_grid)
+        if not self.precompute_vision_inputs:
+            image_grid_thw = image_grid_thw.to(input_ids.device)
+        # else the grid stays on the CPU: the tower's wrapper (VisionGridInputs.install) and get_image_features'
+        # split sizes read it without a host sync
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

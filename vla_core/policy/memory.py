@@ -38,13 +38,17 @@ class GatedMemoryAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         self.gate = nn.Parameter(torch.zeros(1 if gate == "scalar" else width))
 
-    def forward(self, h: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """h [B, H, d] (ACT states), memory [B, K, D] -> (h + tanh(g) * attn [B, H, d], diagnostics)."""
+    def forward(self, h: torch.Tensor, memory: torch.Tensor, check_finite: bool = True) -> tuple[torch.Tensor, dict]:
+        """h [B, H, d] (ACT states), memory [B, K, D] -> (h + tanh(g) * attn [B, H, d], diagnostics).
+
+        check_finite=False: instead of checking here (a host sync in the middle of the step), return the check
+        as `memory_finite` (a bool tensor) in the diagnostics; the caller must call `raise_if_not_finite` with
+        it before it uses anything computed from this step (the trainer: after backward, before the update)."""
         if memory.ndim != 3 or memory.shape[1] != self.horizon or memory.shape[0] != h.shape[0]:
             raise WmvlaError(f"memory must be [B={h.shape[0]}, K={self.horizon}, D], got {tuple(memory.shape)}")
-        if not bool(torch.isfinite(memory).all()):
-            raise WmvlaError("world memory contains NaN/Inf values. Check the latent cache (wmvla latents refuses NaN "
-                             "rows) and the Prophet's outputs; a non-finite memory would silently poison the policy.")
+        finite = torch.isfinite(memory).all()
+        if check_finite:
+            raise_if_not_finite(finite)
         b, n_q, d = h.shape
         nh, hd = self.heads, d // self.heads
         kv = self.norm_kv(self.mem_proj(memory.to(self.mem_proj.weight.dtype)) + self.step_embed)
@@ -57,11 +61,18 @@ class GatedMemoryAttention(nn.Module):
         out = h + torch.tanh(self.gate).to(h.dtype) * self.out_proj(attn).to(h.dtype)
         entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
         info = {
+            "memory_finite": finite,
             "gate": torch.tanh(self.gate.detach()).abs().mean(),
             "attn_entropy": entropy.detach(),
             "attn_entropy_max": torch.tensor(math.log(self.horizon), device=h.device),
         }
         return out, info
+
+
+def raise_if_not_finite(memory_finite: torch.Tensor | bool) -> None:
+    if not bool(memory_finite):
+        raise WmvlaError("world memory contains NaN/Inf values. Check the latent cache (wmvla latents refuses NaN "
+                         "rows) and the Prophet's outputs; a non-finite memory would silently poison the policy.")
 
 
 def random_like_memory(memory: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -105,17 +105,23 @@ class VLAPolicy(nn.Module):
             self.enable_gradient_checkpointing()
         self.check_precision()
 
-    def compile_blocks(self) -> int:
+    def compile_blocks(self, mode: str | None = None) -> int:
         """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
-        checkpoints unchanged; all layers of a kind share one compiled graph). Fuses the elementwise work between
-        the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the number of modules."""
+        checkpoints unchanged; all layers of a kind share one compiled graph), and the policy's own modules
+        around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
+        elementwise work between the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the
+        number of modules compiled."""
         import torch._dynamo
 
         # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         blocks = list(self.backbone.language_model.layers) + list(getattr(self.backbone.vision_tower, "blocks", []))
+        # the policy's modules: a few hundred small eager kernels between the backbone and the backward (the
+        # memory's finiteness check is deferred in training, so the memory module compiles without a break)
+        blocks += [m for m in (self.state_proj, self.prophet, self.memory) if m is not None]
+        blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
         for block in blocks:
-            block.compile()
+            block.compile(mode=mode)
         return len(blocks)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -345,7 +351,7 @@ class VLAPolicy(nn.Module):
                              "none means the module does not exist (E0); a policy with the module uses zero instead")
         return memory_mode
 
-    def _run(self, inputs: Mapping, mode: str) -> tuple[torch.Tensor, dict]:
+    def _run(self, inputs: Mapping, mode: str, check_finite: bool = True) -> tuple[torch.Tensor, dict]:
         """Shared by forward and predict: ACT states after memory + diagnostics + Prophet prediction."""
         info: dict = {"memory_mode": mode}
         h = self.encode(inputs)
@@ -356,7 +362,7 @@ class VLAPolicy(nn.Module):
         if self.memory is not None:
             mem = self._memory(mode, inputs, world_pred)
             info["memory_norm"] = mem.detach().float().norm(dim=-1).mean()
-            h, mem_info = self.memory(h, mem.float())
+            h, mem_info = self.memory(h, mem.float(), check_finite=check_finite)
             info.update(mem_info)
         return h.float(), info
 
@@ -375,9 +381,13 @@ class VLAPolicy(nn.Module):
 
     def forward(self, batch: Mapping, memory_mode: str | None = None,
                 generator: torch.Generator | None = None,
-                loss_weights: tuple[float, float] | None = None) -> dict:
+                loss_weights: tuple[float, float] | None = None, defer_checks: bool = False) -> dict:
         """Training/validation step. Returns loss (with graph) and detached diagnostics:
-        action_loss, world_loss, gate (|tanh g|), memory_norm, attn_entropy, memory_mode.
+        action_loss, world_loss, gate (|tanh g|), memory_norm, attn_entropy, memory_finite, memory_mode.
+
+        defer_checks: no host sync inside the step (the GPU would drain and then wait for Python): the memory's
+        finiteness is returned as `memory_finite` instead of checked, and the caller calls
+        `raise_if_not_finite(out)` before it uses the step (the trainer: after backward, before the update).
 
         loss_weights: (a, w) -> loss = a * action_loss + w * world_loss_weight * world_loss (the reported
         action_loss / world_loss stay unweighted); the training loop passes count / mean count (see
@@ -387,7 +397,7 @@ class VLAPolicy(nn.Module):
             raise WmvlaError("forward needs `actions` (and action_mask) in the batch; use predict_action at rollout")
         mode = self._resolve_mode(memory_mode, rollout=False)
         with self.autocast():
-            h, info = self._run(inputs, mode)
+            h, info = self._run(inputs, mode, check_finite=not defer_checks)
             action_loss = self.head.loss(h, inputs["actions"], inputs.get("action_mask"), generator)
             world_loss = None
             world_pred = info.pop("world_pred")

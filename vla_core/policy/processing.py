@@ -61,7 +61,7 @@ def resize_images(images: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
 
 def pixel_values_from_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], patch_size: int,
                              merge_size: int, temporal_patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [N, 3, S, S] -> (pixel_values [N * gh * gw, 3 * tp * p * p] float32, image_grid_thw [N, 3]).
+    """uint8 [N, 3, S, S] -> (pixel_values [N * gh * gw, 3 * tp * p * p] float32, image_grid_thw [N, 3] on the CPU).
 
     Same values and layout as the Qwen2-VL image processor (shared by Qwen2.5-VL and Qwen3-VL) for an image
     that is already at its target size: x/255, (x - mean)/std, patches grouped by merge_size x merge_size
@@ -77,7 +77,9 @@ def pixel_values_from_images(images: torch.Tensor, mean: Sequence[float], std: S
     x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [n, gh/m, gw/m, m_h, m_w, c, p_h, p_w]
     x = x.unsqueeze(6).expand(*x.shape[:6], temporal_patch_size, p, p)  # [..., c, tp, p, p]
     pixel_values = x.reshape(n * gh * gw, c * temporal_patch_size * p * p)
-    grid = torch.tensor([1, gh, gw], dtype=torch.long, device=images.device).expand(n, 3).contiguous()
+    # on the CPU whatever the images' device: shape metadata, read by Python (VLBackbone.forward moves it
+    # to the device only where transformers needs it there)
+    grid = torch.tensor([1, gh, gw], dtype=torch.long).expand(n, 3).contiguous()
     return pixel_values, grid
 
 

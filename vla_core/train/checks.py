@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from vla_core.policy.memory import raise_if_not_finite
 from vla_core.train.fsdp import local
 from vla_core.utils import WmvlaError
 
@@ -195,3 +196,19 @@ def grad_status(model: torch.nn.Module, reduce_max: ReduceMax = None) -> dict[st
         else:
             out[n] = "zero" if m == 0 else "small" if m < ADAM_SIGNIFICANT_GRAD else "ok"
     return out
+
+
+def check_step_finite(out: dict, step: int, rank: int = 0) -> None:
+    """The step's finiteness checks, read with one host sync after backward and before the update (the policy
+    ran with `defer_checks=True`, so nothing inside the step waited on the GPU): a non-finite world memory is
+    named as such, any other non-finite loss with its parts. Raising here leaves the weights untouched."""
+    flags = [torch.isfinite(out["action_loss"] + out["world_loss"])]
+    if "memory_finite" in out:
+        flags.append(out["memory_finite"])
+    ok = torch.stack(flags).tolist()
+    if len(ok) > 1:
+        raise_if_not_finite(ok[1])
+    if not ok[0]:
+        raise WmvlaError(f"step {step}: non-finite loss (action_loss {float(out['action_loss'])}, "
+                         f"world_loss {float(out['world_loss'])}) on process {rank}. "
+                         "Lower --optim.lr, check the data/latents for extreme values.")

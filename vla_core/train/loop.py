@@ -47,6 +47,7 @@ from vla_core.train.checks import (
     check_fp32_trainable,
     check_optimizer_covers,
     check_optimizer_state_fp32,
+    check_step_finite,
     grad_status,
     merge_grad_status,
 )
@@ -625,13 +626,10 @@ def train(cfg: TrainConfig) -> dict:
                     model.set_requires_gradient_sync(sync)
                 with (contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(model)), \
                         _first_step_oom(first_step, plan, oom_message):
-                    out = model(batch, loss_weights=weights[micro])
-                    loss = out["loss"] / n_micro
-                    if not torch.isfinite(out["action_loss"] + out["world_loss"]):
-                        raise WmvlaError(f"step {step}: non-finite loss (action_loss {float(out['action_loss'])}, "
-                                         f"world_loss {float(out['world_loss'])}) on process {rank}. "
-                                         "Lower --optim.lr, check the data/latents for extreme values.")
-                    accelerator.backward(loss)
+                    # no host sync inside the step: the checks are read after backward, before any update
+                    out = model(batch, loss_weights=weights[micro], defer_checks=True)
+                    accelerator.backward(out["loss"] / n_micro)
+                    check_step_finite(out, step, rank)
                 # per-process values whose mean over processes is the global-batch value (see global_loss_weights)
                 diag["loss"] = diag.get("loss", 0.0) + float(out["loss"].detach()) / n_micro
                 for k, share in (("action_loss", shares[micro][0]), ("world_loss", shares[micro][1])):
