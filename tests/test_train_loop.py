@@ -127,10 +127,10 @@ def test_first_steps_check_fires_on_closed_gate_shortcut(data, tmp_path, monkeyp
 
     original = memory_mod.GatedMemoryAttention.forward
 
-    def buggy(self, h, memory):
+    def buggy(self, h, memory, **kwargs):
         if torch.tanh(self.gate).abs().max() < 1e-6:
             return h, {"gate": torch.tanh(self.gate.detach()).abs().mean(), "attn_entropy": torch.tensor(0.0)}
-        return original(self, h, memory)
+        return original(self, h, memory, **kwargs)
 
     monkeypatch.setattr(memory_mod.GatedMemoryAttention, "forward", buggy)
     cfg = tiny_cfg(data, tmp_path, optim=OptimConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=1), val_every=0)
