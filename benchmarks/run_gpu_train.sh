@@ -2,6 +2,8 @@
 # Issue 21's GPU measurements (the lent H200), in two parts that each fit one 10-minute call:
 #   bash benchmarks/run_gpu_train.sh speed    # HF baselines, ours_ref / ours / ours_compiled for full,
 #                                             # frozen_vision, lora, and the same-numbers checks
+#   bash benchmarks/run_gpu_train.sh ratio    # hf_bf16 vs ours_compiled in alternating rounds (the goal's
+#                                             # ratio), rows for full / frozen_vision / lora, the checks
 #   bash benchmarks/run_gpu_train.sh memory   # the libero-2b cell under a 48 GB cap (an L40S), kernel mix
 # JSON and logs go to $OUT (or /tmp).
 set -uo pipefail
@@ -14,6 +16,10 @@ case "${1:-speed}" in
   speed)   # every row side by side in one process: HF baselines, ours_ref, ours, ours_compiled; the checks
     timeout 570 python3 benchmarks/bench_train.py --warmup 2 --iters 6 --compile --check --out "$OUT/speed.json" \
       2>&1 | tee "$OUT/speed.log"
+    ;;
+  ratio)   # the goal's ratio: plain HF bf16 and our compiled step resident together, alternating rounds
+    timeout 570 python3 benchmarks/bench_train.py --warmup 2 --iters 5 --finetune full frozen_vision lora \
+      --rows hf_bf16 --compile --alternate 5 --check --out "$OUT/ratio.json" 2>&1 | tee "$OUT/ratio.log"
     ;;
   memory)  # the libero-2b cell under a 48 GB cap: the trainer's plan compiled and eager, fixed variants
     timeout 570 python3 benchmarks/bench_train.py --warmup 2 --iters 4 --rows none --memory-cell --cap-gb 48 --profile \
