@@ -383,9 +383,6 @@ def set_batched_vision_attention(model: nn.Module, on: bool) -> None:
             module._wmvla_batched = bool(on)
 
 
-VISION_PRECOMPUTED_KEYS = ("interp_indices", "interp_weights", "position_ids", "cu_seqlens", "max_seqlen")
-
-
 class VisionGridInputs:
     """The vision tower's grid-derived inputs, computed once per image grid by transformers' own functions.
 
@@ -396,13 +393,11 @@ class VisionGridInputs:
     resized to `image_size`), so these tensors are computed once on the CPU, moved to the device and handed to
     the tower precomputed: transformers' `vision_utils` functions pop them from the forward's kwargs when given
     (the documented way to keep these data-dependent steps out of compiled graphs). Same functions, same values.
-    `None` from `for_visual` when this transformers version or model has no such hook (then the grid goes to the
+    `install` returns None when this transformers version or model has no such hook (then the grid goes to the
     device and transformers computes as before).
     """
 
-    def __init__(self, visual: nn.Module, max_entries: int = 8):
-        from transformers import vision_utils
-
+    def __init__(self, visual: nn.Module, vision_utils, max_entries: int = 8):
         self._vu = vision_utils
         self.visual = visual
         self.max_entries = max_entries
@@ -425,7 +420,7 @@ class VisionGridInputs:
         attrs = ("num_grid_per_side", "interpolation_mode", "interpolation_align_corners", "spatial_merge_size")
         if not all(hasattr(vision_utils, f) for f in fns) or not all(hasattr(visual, a) for a in attrs):
             return None
-        grid_inputs = cls(visual)
+        grid_inputs = cls(visual, vision_utils)
         # state on the module, as batch_vision_attention does (a copy of the module stays self-contained)
         visual._wmvla_hf_forward = visual.forward
         visual._wmvla_grid_inputs = grid_inputs
