@@ -41,6 +41,10 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
+# What `resize_images` does, recorded in the vision-feature cache's spec (a change of it must refuse old caches).
+RESIZE_METHOD = "bicubic, antialias, align_corners=False, rounded and clamped to uint8 (processing.resize_images)"
+
+
 def resize_images(images: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
     """uint8 [..., h, w, 3] -> uint8 [..., 3, size, size] (bicubic with antialiasing, rounded like a PIL resize).
 

@@ -103,9 +103,10 @@ class WorldLatents:
 class TrainCollate:
     """DataLoader collate_fn: stack samples, add world latents, run the policy's processor (in the workers)."""
 
-    def __init__(self, processor, world: WorldLatents | None):
+    def __init__(self, processor, world: WorldLatents | None, vision=None):
         self.processor = processor
         self.world = world
+        self.vision = vision  # a VisionFeatureCache: the frozen tower's outputs per frame (pickles as its path)
 
     def __call__(self, samples: list[dict]) -> dict:
         from vla_core.data.samples import collate_samples
@@ -115,6 +116,8 @@ class TrainCollate:
             batch["world_history"] = torch.from_numpy(self.world.gather(batch["history_index"].numpy()))
             batch["world_future"] = torch.from_numpy(self.world.gather(batch["future_index"].numpy()))
         out = self.processor(batch)
+        if self.vision is not None:
+            out["vision_features"] = self.vision.get(batch["index"].numpy())
         out["raw_actions"] = batch["actions"]  # real units, for validation errors (normalise clips outliers)
         return out
 
@@ -326,6 +329,17 @@ def build_policy(cfg: TrainConfig, stats: dict, cache=None):
     return policy
 
 
+def open_vision_cache(cfg: TrainConfig, policy, ds):
+    """The run's vision-feature cache, verified against the built policy (tower weights included) and the
+    dataset; None without `vision_cache`."""
+    if not cfg.vision_cache:
+        return None
+    from vla_core.policy.vision_cache import VisionFeatureCache, spec_for
+
+    policy.check_vision_cache_allowed()
+    return VisionFeatureCache.open(cfg.vision_cache, expect=spec_for(cfg.policy, policy.backbone), dataset=ds)
+
+
 def _worker_init(worker_id: int) -> None:
     # numpy / python RNGs of a worker derive from torch's per-worker seed (itself from the loader generator)
     import random
@@ -438,6 +452,9 @@ def train(cfg: TrainConfig) -> dict:
     # ---- seeds, model, optimizer
     seed_everything(rcfg.seed + rank)
     policy = build_policy(rcfg, stats, setup.cache)
+    vision = open_vision_cache(rcfg, policy, ds)
+    if vision is not None:
+        say(f"train: vision tower outputs read from {vision.path} (the tower does not run on dataset frames)")
     fsdp = rcfg.distributed == "fsdp" and world_size > 1
     if rcfg.distributed == "fsdp" and world_size == 1:
         say("train: --distributed fsdp with one process: nothing to shard, training unsharded")
@@ -532,7 +549,7 @@ def train(cfg: TrainConfig) -> dict:
     world = None
     if setup.cache is not None:
         world = WorldLatents(str(setup.cache.path))
-    collate = TrainCollate(policy.processor, world)
+    collate = TrainCollate(policy.processor, world, vision)
     train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes)
     sampler = ResumableBatchSampler(np.arange(len(train_set)), o.batch_size, seed=rcfg.seed,
                                     start_batch=step * o.grad_accum, rank=rank, world_size=world_size,
