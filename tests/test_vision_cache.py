@@ -198,3 +198,19 @@ def test_train_with_the_cache_logs_the_live_losses_and_resumes(built, data, tmp_
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-4)
     with pytest.raises(WmvlaError, match="vision_weights_sha256"):  # another seed: other tower weights
         train(dataclasses.replace(cached_cfg, seed=1, out_root=str(tmp_path / "seed1")))
+
+
+def test_cli_builds_the_cache_a_training_run_of_the_same_flags_accepts(built, data, tmp_path, capsys):
+    from vla_core.cli import main
+
+    flags = ["--preset", "tiny", "--dataset", data["dataset"], "--policy.finetune", "frozen_vision"]
+    assert main(["vision-cache", "--preset", "tiny", "--dataset", data["dataset"], "--policy.finetune", "full"]) != 0
+    assert "needs a frozen vision tower" in capsys.readouterr().err
+    assert main(["vision-cache", *flags, "--cache-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    path = next(tmp_path.rglob("train_vision_features_tiny_s32_*.float32.npy"))
+    assert f"--vision-cache {path}" in out
+    cache = VisionFeatureCache.open(path, expect=built["cache"].spec, dataset=built["ds"])  # the run's spec
+    assert torch.equal(cache.get(np.arange(cache.num_rows)), built["cache"].get(np.arange(cache.num_rows)))
+    assert main(["vision-cache", *flags, "--cache-root", str(tmp_path)]) == 0  # complete: nothing to do
+    assert "already complete" in capsys.readouterr().out

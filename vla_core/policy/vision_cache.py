@@ -57,7 +57,7 @@ from vla_core.world.cache import (
 )
 
 FORMAT = "wmvla-vision-features-v1"
-HOW = ("`wmvla vision-cache` with the same arguments as the training run (`--preset ... --dataset ... --policy.*`; "
+HOW = ("`wmvla vision-cache` with the same arguments as the training run (its preset, dataset and policy flags; "
        "it resumes an unfinished build)")
 # numpy has no bfloat16: its bits are stored as uint16 and reinterpreted on load
 _STORAGE = {"bfloat16": np.uint16, "float32": np.float32}
@@ -132,9 +132,9 @@ def spec_for(cfg: PolicyConfig, backbone) -> VisionCacheSpec:
 def check_vision_frozen(cfg: PolicyConfig) -> None:
     """Refuse a cache for a run whose tower trains (its outputs change every step)."""
     if cfg.finetune == "full":
-        raise WmvlaError("--vision-cache needs a frozen vision tower, but policy.finetune='full' trains it (its "
-                         "outputs change every step: cached ones would be stale). Fix: --policy.finetune "
-                         "frozen_vision (or lora / heads_only), or drop --vision-cache.")
+        raise WmvlaError("a vision-feature cache needs a frozen vision tower, but policy.finetune='full' trains it "
+                         "(its outputs change every step: cached ones would be stale). Fix: --policy.finetune "
+                         "frozen_vision (or lora / heads_only), or train without --vision-cache.")
 
 
 def cache_filename(spec: VisionCacheSpec) -> str:
