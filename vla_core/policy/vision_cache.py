@@ -72,7 +72,7 @@ def vision_weights_sha256(visual: nn.Module) -> str:
     for name, t in sorted(visual.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -246,10 +246,15 @@ def tower_features(backbone, images: torch.Tensor, autocast: bool) -> torch.Tens
         grid = grid.to(device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), ctx:
-        out = bb.model.get_image_features(pixel_values, grid, return_dict=True)
-    merged = torch.stack(list(out.pooler_output))  # [n, tokens, d]
-    deep = [torch.stack(list(f)) for f in out.deepstack_features]
-    return torch.stack([merged, *deep], dim=1)
+        out = bb.model.get_image_features(pixel_values, grid)
+    # transformers 5.x: an output object; before: a tuple (per-image merged tokens, deepstack features)
+    merged, deep = (out.pooler_output, out.deepstack_features) if hasattr(out, "pooler_output") else out
+
+    def per_image(x) -> torch.Tensor:  # split per image or not: [n, tokens, d]
+        x = torch.cat(list(x)) if isinstance(x, (list, tuple)) else x
+        return x.reshape(images.shape[0], bb.tokens_per_image, -1)
+
+    return torch.stack([per_image(merged), *(per_image(f) for f in deep)], dim=1)
 
 
 def precompute_vision_features(ds, backbone, cfg: PolicyConfig, out: str | Path, *, batch_size: int = 32,
@@ -333,5 +338,9 @@ def build_frozen_backbone(cfg: PolicyConfig, device: str | torch.device = "cpu")
     from vla_core.policy.modeling import _resolve_frozen_dtype
 
     backbone = VLBackbone(cfg)
-    backbone.vision_tower.to(device=device, dtype=_resolve_frozen_dtype(cfg)).requires_grad_(False)
+    visual = backbone.vision_tower.to(device)
+    dtype = _resolve_frozen_dtype(cfg)
+    for p in visual.parameters():  # parameters only, as VLAPolicy casts frozen weights (buffers keep theirs)
+        p.requires_grad_(False)
+        p.data = p.data.to(dtype)
     return backbone.eval()
