@@ -150,7 +150,8 @@ def test_bf16_cache_stores_the_bf16_bits_exactly(built, tmp_path):
 
 def test_cache_for_another_config_or_dataset_is_refused_naming_the_fields(built, data):
     path, pcfg = built["path"], built["pcfg"]
-    with pytest.raises(WmvlaError, match=r"image_size: expected 64, found 32(.|\n)*tokens_per_image(.|\n)*wmvla vision-cache"):
+    with pytest.raises(WmvlaError, match=r"image_size: expected 64, found 32(.|\n)*tokens_per_image(.|\n)*"
+                                          r"wmvla vision-cache"):
         other = dataclasses.replace(pcfg, image_size=64)
         VisionFeatureCache.open(path, expect=spec_for(other, build_frozen_backbone(other)))
     with pytest.raises(WmvlaError, match=r"vision_weights_sha256: expected '[0-9a-f]+', found") as err:

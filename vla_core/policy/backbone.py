@@ -610,7 +610,8 @@ class VLBackbone(nn.Module):
         # split sizes read it without a host sync
         if vision_features is not None:
             if not hasattr(self.model.visual, "_wmvla_pending_features"):
-                raise WmvlaError(f"cached vision features are supported for Qwen3-VL only, this backbone is {self.family}")
+                raise WmvlaError(f"cached vision features are supported for Qwen3-VL only; this backbone is "
+                                 f"{self.family}. Fix: train without --vision-cache.")
             self.model.visual._wmvla_pending_features = vision_features
         try:
             out = self._model_forward(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,

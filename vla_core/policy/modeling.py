@@ -312,7 +312,8 @@ class VLAPolicy(nn.Module):
             # the tower is skipped: no pixels, only the grid (token counts, M-RoPE positions)
             side = images.shape[-1] // bb.patch_size
             pixel_values = torch.zeros(0, 3 * bb.temporal_patch_size * bb.patch_size**2, device=images.device)
-            grid = torch.tensor([1, side, side], dtype=torch.long).expand(images.shape[0] * images.shape[1], 3).contiguous()
+            n_images = images.shape[0] * images.shape[1]
+            grid = torch.tensor([1, side, side], dtype=torch.long).expand(n_images, 3).contiguous()
             cached = cached.flatten(0, 1)
         else:
             pixel_values, grid = pixel_values_from_images(images.flatten(0, 1), bb.image_mean, bb.image_std,

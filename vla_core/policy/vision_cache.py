@@ -203,7 +203,8 @@ class VisionFeatureCache:
             raise WmvlaError(f"{meta_p} is not a complete {FORMAT} spec (format {meta.get('format')!r}, complete "
                              f"{meta.get('complete')!r}). Fix: rebuild with {HOW}.")
         if not npy.exists():
-            raise WmvlaError(f"vision-feature spec {meta_p} exists but the array {npy} is missing. Fix: rebuild with {HOW}.")
+            raise WmvlaError(f"vision-feature spec {meta_p} exists but the array {npy} is missing. "
+                             f"Fix: rebuild with {HOW}.")
         spec = VisionCacheSpec(**{**meta["spec"], "camera_keys": tuple(meta["spec"]["camera_keys"]),
                                   "image_mean": tuple(meta["spec"]["image_mean"]),
                                   "image_std": tuple(meta["spec"]["image_std"])})

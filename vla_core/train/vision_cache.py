@@ -36,7 +36,8 @@ class VisionCacheConfig(TrainConfig):
 
 
 # `wmvla vision-cache --preset NAME`: the training presets, as this command's config
-PRESETS = {name: (lambda factory=factory: VisionCacheConfig.from_train(factory())) for name, factory in TRAIN_PRESETS.items()}
+PRESETS = {name: (lambda factory=factory: VisionCacheConfig.from_train(factory()))
+           for name, factory in TRAIN_PRESETS.items()}
 
 
 def run_vision_cache(cfg: VisionCacheConfig) -> int:
