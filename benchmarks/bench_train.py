@@ -27,7 +27,8 @@ layers that gradients flow through (LoRA's language model), x1 for a frozen visi
 activation checkpointing is not counted.
 
 `--check`: the same loss and gradients (relative L2 error of every trainable gradient) from the batched and
-the per-image vision attention on one policy and one batch.
+the per-image vision attention on one policy and one batch; and, with a frozen tower, from its outputs handed
+in (as `--vision-cache` does) and the live tower.
 
 `--memory-cell`: the default pipeline cell (preset libero-2b: full fine-tune, batch 32, EMA 0.999, grad clip,
 its AdamW) under a per-process cap of `--cap-gb` (48 = an L40S): the settings the trainer's memory plan picks
@@ -406,22 +407,45 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
         results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
                                               if p.grad is not None}))
     del policy, inputs
-    ref_loss, ref_grads = results[0]
-
-    def compare(loss, grads) -> dict:
-        rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
-               if ref_grads[n].norm() > 0}
-        worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
-        num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
-        den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
-        return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
-                "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
-
+    ref = results[0]
     out = {"reference": "eager, fast vision path (batched attention, patch matmul, precomputed grid inputs)",
-           "loss_reference": ref_loss, "transformers_vision_path": compare(*results[1])}
+           "loss_reference": ref[0], "transformers_vision_path": _compare(ref, results[1])}
     if compile_:
-        out["compiled_blocks"] = compare(*results[2])
+        out["compiled_blocks"] = _compare(ref, results[2])
     return out
+
+
+def _compare(ref: tuple, got: tuple) -> dict:
+    """(loss, {name: grad}) against the reference: loss and gradient relative differences."""
+    (ref_loss, ref_grads), (loss, grads) = ref, got
+    rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
+           if ref_grads[n].norm() > 0}
+    worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+    num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
+    den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
+    return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+            "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
+
+
+def check_cached_vision(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int) -> dict:
+    """frozen_vision: loss and gradients with the tower's outputs handed in (stored as the vision-feature cache
+    stores them: bf16 bits on the GPU) vs the live tower, same policy, same batch."""
+    from vla_core.policy.vision_cache import tower_features
+
+    policy = build_policy(folder, image_px, n_act, "frozen_vision", device, world_dim, batched=True)
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
+    autocast = policy.cfg.autocast_bf16
+    feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
+    feats = feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(0, inputs["images"].shape[:2])
+    results = []
+    for batch_in in (inputs, {**inputs, "vision_features": feats}):
+        policy.zero_grad(set_to_none=True)
+        out = policy(batch_in)
+        out["loss"].backward()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu()
+                                                      for n, p in policy.trainable_parameters() if p.grad is not None}))
+    del policy, inputs, feats
+    return {"reference": "frozen_vision, live tower", "cached_vision": _compare(results[0], results[1])}
 
 
 # ------------------------------------------------------------------------------- the default cell
@@ -748,6 +772,9 @@ def main(argv: list[str] | None = None) -> dict:
         _free(device)
         result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,
                                                     compile_=args.compile)
+        _free(device)
+        result["same_numbers_cached_vision"] = check_cached_vision(tmp.name, batch, image_px, n_act, device,
+                                                                   world_dim)
         print(f"[check] {result['same_numbers']}", file=sys.stderr, flush=True)
     if args.memory_cell:
         _free(device)
