@@ -179,16 +179,25 @@ def test_train_with_the_cache_logs_the_live_losses_and_resumes(built, data, tmp_
         return block_forward(self, *a, **kw)
 
     monkeypatch.setattr(modeling_qwen3_vl.Qwen3VLVisionBlock, "forward", spy)
+    decoded = []
+    frames = LeRobotDataset.frames
+
+    def frames_spy(self, key, *a, **kw):
+        decoded.append(key)
+        return frames(self, key, *a, **kw)
+
+    monkeypatch.setattr(LeRobotDataset, "frames", frames_spy)  # the tiny preset loads in-process (0 workers)
     common = dict(stop_after=None, log_every=1, val_every=6, ckpt_every=3)
     live = train(run_cfg(data, tmp_path / "live", **common))
-    assert block_calls  # the spy sees the live tower
+    assert block_calls and decoded  # the spies see the live tower and the image decoding
     block_calls.clear()
+    decoded.clear()
     cached_cfg = run_cfg(data, tmp_path / "cached", vision_cache=str(built["path"]), **common)
     first = train(dataclasses.replace(cached_cfg, stop_after=3))
     assert first["finished"] is False
     second = train(cached_cfg)
     assert second["finished"]
-    assert block_calls == []  # training and validation steps read the cache
+    assert block_calls == [] and decoded == []  # training and validation read the cache, decode no image
     assert "vision tower outputs read from" in capsys.readouterr().out
 
     def losses(run):

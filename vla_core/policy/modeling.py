@@ -305,17 +305,18 @@ class VLAPolicy(nn.Module):
     def encode(self, inputs: Mapping) -> torch.Tensor:
         """Processed inputs -> ACT states [B, H, d] (fp32) after readout norm and proprio."""
         bb = self.backbone
-        images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
         cached = inputs.get("vision_features")  # [B, n_cams, 1 + n_deepstack, tokens, d] from the vision cache
         if cached is not None:
             self.check_vision_cache_allowed()
-            # the tower is skipped: no pixels, only the grid (token counts, M-RoPE positions)
-            side = images.shape[-1] // bb.patch_size
-            pixel_values = torch.zeros(0, 3 * bb.temporal_patch_size * bb.patch_size**2, device=images.device)
-            n_images = images.shape[0] * images.shape[1]
+            # the tower is skipped: no pixels (the images need not even be loaded), only the grid (token
+            # counts, M-RoPE positions)
+            side = self.cfg.image_size // bb.patch_size
+            pixel_values = torch.zeros(0, 3 * bb.temporal_patch_size * bb.patch_size**2, device=cached.device)
+            n_images = cached.shape[0] * cached.shape[1]
             grid = torch.tensor([1, side, side], dtype=torch.long).expand(n_images, 3).contiguous()
             cached = cached.flatten(0, 1)
         else:
+            images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
             pixel_values, grid = pixel_values_from_images(images.flatten(0, 1), bb.image_mean, bb.image_std,
                                                           bb.patch_size, bb.merge_size, bb.temporal_patch_size)
         hidden = bb(inputs["input_ids"], inputs["attention_mask"], pixel_values, grid, inputs["mm_token_type_ids"],

@@ -112,12 +112,12 @@ class TrainCollate:
         from vla_core.data.samples import collate_samples
 
         batch = collate_samples(samples)
+        if self.vision is not None:  # instead of the images, which the loader then does not decode
+            batch["vision_features"] = self.vision.get(batch["index"].numpy())
         if self.world is not None:
             batch["world_history"] = torch.from_numpy(self.world.gather(batch["history_index"].numpy()))
             batch["world_future"] = torch.from_numpy(self.world.gather(batch["future_index"].numpy()))
         out = self.processor(batch)
-        if self.vision is not None:
-            out["vision_features"] = self.vision.get(batch["index"].numpy())
         out["raw_actions"] = batch["actions"]  # real units, for validation errors (normalise clips outliers)
         return out
 
@@ -550,7 +550,8 @@ def train(cfg: TrainConfig) -> dict:
     if setup.cache is not None:
         world = WorldLatents(str(setup.cache.path))
     collate = TrainCollate(policy.processor, world, vision)
-    train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes)
+    train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes,
+                             load_images=vision is None)
     sampler = ResumableBatchSampler(np.arange(len(train_set)), o.batch_size, seed=rcfg.seed,
                                     start_batch=step * o.grad_accum, rank=rank, world_size=world_size,
                                     num_batches=o.steps * o.grad_accum, grad_accum=o.grad_accum)
@@ -776,7 +777,7 @@ def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> Va
 
     p = rcfg.policy
     val_set = ChunkDataset(ds, chunk_size=p.chunk_size, history=p.world_history, horizon=p.world_horizon,
-                           keys=rcfg.keys, episodes=setup.val_episodes)
+                           keys=rcfg.keys, episodes=setup.val_episodes, load_images=collate.vision is None)
     n = min(len(val_set), rcfg.val_max_samples)
     pick = np.sort(np.random.default_rng([rcfg.seed, 11]).choice(len(val_set), size=n, replace=False))
     bs = rcfg.optim.batch_size
