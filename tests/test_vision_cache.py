@@ -19,7 +19,7 @@ import torch
 
 from vla_core.data.lerobot import LeRobotDataset
 from vla_core.policy.modeling import VLAPolicy
-from vla_core.policy.tiny import random_batch, tiny_norm_stats, tiny_policy_config
+from vla_core.policy.tiny import random_batch, random_observation, tiny_norm_stats, tiny_policy_config
 from vla_core.policy.vision_cache import (
     VisionFeatureCache,
     build_frozen_backbone,
@@ -74,6 +74,9 @@ def test_cached_features_give_the_live_loss_and_gradients_without_running_the_to
     assert live_grads.keys() == cached_grads.keys() and live_grads
     for n in live_grads:
         torch.testing.assert_close(cached_grads[n], live_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    calls.clear()
+    policy.predict_action(random_observation(cfg), world_history=np.zeros((cfg.world_history, cfg.world_dim)))
+    assert any(c.startswith("blocks.") for c in calls)  # rollouts run the tower live
 
 
 def test_a_trained_tower_refuses_cached_features():
