@@ -1,11 +1,12 @@
 """Issue 21: the frozen vision tower's outputs read from a cache instead of computed (CPU, tiny model).
 
 - cached features give the live tower's loss and every trainable parameter's gradient, and the tower's
-  modules do not run (spies);
+  modules do not run (spies); a rollout (`predict_action`) still runs the tower live;
 - the cache built by `precompute_vision_features` holds the tower's outputs for every frame x camera, is
   written atomically (spec last), resumes after an interruption, and is refused when unfinished, for another
   policy config (image size, backbone weights: the differing fields are named) and for a trained tower;
-- `wmvla train --vision-cache` trains with it end to end, logs the same losses as the live tower, and resumes.
+- `wmvla train --vision-cache` trains with it end to end (no image decoded, no tower block run), logs the same
+  losses as the live tower, and resumes; `wmvla vision-cache` builds the cache that run accepts.
 """
 
 from __future__ import annotations
