@@ -15,6 +15,10 @@ Speed rows, measured in the same process one after the other, for `full`, `froze
                transformers' own vision attention (one SDPA call per image per layer): the path before issue 21
   ours         the same with the batched vision attention (`policy.batched_vision_attention`, the default)
   ours_compiled  `ours` with every decoder layer and vision block under torch.compile (--compile)
+  ours_cached_vision  `ours` with the frozen tower's outputs precomputed (frozen_vision / lora only): the
+               features `wmvla vision-cache` would store (computed here in-process by the same random tower,
+               bf16 on the GPU) are handed to forward, so the tower does not run (`--vision-cache` in training;
+               the data loader's read of the cache rows is not in this number)
 Each row: ms/step (median), samples/s, peak GPU memory, model FLOPs per step and MFU against the H200's dense
 bf16 datasheet rate (989 TFLOP/s) and against the bf16 matmul rate measured in the same run.
 MFU counts the matmul FLOPs of the model (`model_flops`): 2 per multiply-add of every linear layer and of
@@ -23,7 +27,8 @@ layers that gradients flow through (LoRA's language model), x1 for a frozen visi
 activation checkpointing is not counted.
 
 `--check`: the same loss and gradients (relative L2 error of every trainable gradient) from the batched and
-the per-image vision attention on one policy and one batch.
+the per-image vision attention on one policy and one batch; and, with a frozen tower, from its outputs handed
+in (as `--vision-cache` does) and the live tower.
 
 `--memory-cell`: the default pipeline cell (preset libero-2b: full fine-tune, batch 32, EMA 0.999, grad clip,
 its AdamW) under a per-process cap of `--cap-gb` (48 = an L40S): the settings the trainer's memory plan picks
@@ -259,7 +264,7 @@ def build_policy(folder: str, image_px: int, n_act: int, finetune: str, device, 
     return VLAPolicy(pcfg, stats).to(device).train()
 
 
-def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
+def model_flops(policy, batch: int, seq: int, finetune: str, vision_cached: bool = False) -> float:
     """Matmul FLOPs of one training step (see the module doc): linear layers + attention, fwd x1/x2/x3."""
     cfg = policy.backbone.model.config
     tc, vc = cfg.text_config, cfg.vision_config
@@ -280,13 +285,13 @@ def model_flops(policy, batch: int, seq: int, finetune: str) -> float:
     vis_fwd = (2 * vc.depth * vis_block * patches + vc.depth * 4 * per_img * per_img * dv * n_img
                + 2 * mergers * patches / vc.spatial_merge_size ** 2 + 2 * patch_in * dv * patches)
     llm_mult = {"full": 3, "frozen_vision": 3, "lora": 2}[finetune]
-    vis_mult = 3 if finetune == "full" else 1
+    vis_mult = 3 if finetune == "full" else (0 if vision_cached else 1)
     return float(llm_mult * llm_fwd + vis_mult * vis_fwd)
 
 
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
                world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
-               trace_path: str = "", compile_mode: str | None = None) -> dict:
+               trace_path: str = "", compile_mode: str | None = None, cached_vision: bool = False) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
     backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
     from vla_core.train.checks import check_step_finite
@@ -295,6 +300,13 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     if compile_:
         policy.compile_blocks(mode=compile_mode)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
+    if cached_vision:  # what the vision-feature cache holds for these images, in its storage dtype
+        from vla_core.policy.vision_cache import tower_features
+
+        autocast = policy.cfg.autocast_bf16
+        feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
+        inputs["vision_features"] = feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(
+            0, inputs["images"].shape[:2])
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
@@ -317,7 +329,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     first = time.perf_counter() - t0
     sec = _timeit(step, max(warmup - 1, 0), iters, device)
     seq = int(inputs["input_ids"].shape[1])
-    res = {"sec": sec, "seq": seq, "flops": model_flops(policy, batch, seq, finetune), "peak_gb": _peak_gb(device),
+    res = {"sec": sec, "seq": seq, "flops": model_flops(policy, batch, seq, finetune, cached_vision),
+           "peak_gb": _peak_gb(device),
            "first_step_s": round(first, 1)}
     if profile and device.type == "cuda":
         res["kernel_mix"] = kernel_mix(step)
@@ -394,22 +407,45 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
         results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
                                               if p.grad is not None}))
     del policy, inputs
-    ref_loss, ref_grads = results[0]
-
-    def compare(loss, grads) -> dict:
-        rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
-               if ref_grads[n].norm() > 0}
-        worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
-        num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
-        den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
-        return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
-                "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
-
+    ref = results[0]
     out = {"reference": "eager, fast vision path (batched attention, patch matmul, precomputed grid inputs)",
-           "loss_reference": ref_loss, "transformers_vision_path": compare(*results[1])}
+           "loss_reference": ref[0], "transformers_vision_path": _compare(ref, results[1])}
     if compile_:
-        out["compiled_blocks"] = compare(*results[2])
+        out["compiled_blocks"] = _compare(ref, results[2])
     return out
+
+
+def _compare(ref: tuple, got: tuple) -> dict:
+    """(loss, {name: grad}) against the reference: loss and gradient relative differences."""
+    (ref_loss, ref_grads), (loss, grads) = ref, got
+    rel = {n: float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads
+           if ref_grads[n].norm() > 0}
+    worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+    num = math.sqrt(sum(float((grads[n] - ref_grads[n]).norm()) ** 2 for n in ref_grads))
+    den = math.sqrt(sum(float(ref_grads[n].norm()) ** 2 for n in ref_grads))
+    return {"loss": loss, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+            "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
+
+
+def check_cached_vision(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int) -> dict:
+    """frozen_vision: loss and gradients with the tower's outputs handed in (stored as the vision-feature cache
+    stores them: bf16 bits on the GPU) vs the live tower, same policy, same batch."""
+    from vla_core.policy.vision_cache import tower_features
+
+    policy = build_policy(folder, image_px, n_act, "frozen_vision", device, world_dim, batched=True)
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
+    autocast = policy.cfg.autocast_bf16
+    feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
+    feats = feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(0, inputs["images"].shape[:2])
+    results = []
+    for batch_in in (inputs, {**inputs, "vision_features": feats}):
+        policy.zero_grad(set_to_none=True)
+        out = policy(batch_in)
+        out["loss"].backward()
+        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu()
+                                                      for n, p in policy.trainable_parameters() if p.grad is not None}))
+    del policy, inputs, feats
+    return {"reference": "frozen_vision, live tower", "cached_vision": _compare(results[0], results[1])}
 
 
 # ------------------------------------------------------------------------------- the default cell
@@ -612,7 +648,7 @@ def matmul_tflops(device) -> float | None:
 # -------------------------------------------------------------------------------------------- main
 
 
-ROWS = ("hf_bf16", "hf_autocast", "ours_ref", "ours", "ours_compiled")
+ROWS = ("hf_bf16", "hf_autocast", "ours_ref", "ours", "ours_compiled", "ours_cached_vision")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -684,6 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in rows:
             if name.startswith("hf") and finetune == "lora":
                 continue
+            if name == "ours_cached_vision" and finetune == "full":  # the tower trains: nothing to cache
+                continue
             _free(device)
             try:
                 if name.startswith("ours"):
@@ -691,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    batched=name != "ours_ref", compile_=name == "ours_compiled",
                                    profile=args.profile,
                                    trace_path=f"{args.trace_dir}/{finetune}_{name}.json" if args.trace_dir else "",
-                                   compile_mode=args.compile_mode)
+                                   compile_mode=args.compile_mode, cached_vision=name == "ours_cached_vision")
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
                                  "peak_gb": r["peak_gb"], "first_step_s": r["first_step_s"],
@@ -718,9 +756,9 @@ def main(argv: list[str] | None = None) -> dict:
                     raise
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"[{finetune}] {name}: {row[name]}", file=sys.stderr, flush=True)
-        for mine in ("ours", "ours_compiled"):
+        for mine in ("ours", "ours_compiled", "ours_cached_vision"):
             ours = row.get(mine, {}).get("samples_per_s")
-            for base in ("hf_bf16", "hf_autocast", "ours_ref"):
+            for base in ("hf_bf16", "hf_autocast", "ours_ref", "ours"):
                 other = row.get(base, {}).get("samples_per_s")
                 if ours and other and mine != base:
                     row[f"{mine}_over_{base}"] = round(ours / other, 3)
@@ -734,6 +772,9 @@ def main(argv: list[str] | None = None) -> dict:
         _free(device)
         result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,
                                                     compile_=args.compile)
+        _free(device)
+        result["same_numbers_cached_vision"] = check_cached_vision(tmp.name, batch, image_px, n_act, device,
+                                                                   world_dim)
         print(f"[check] {result['same_numbers']}", file=sys.stderr, flush=True)
     if args.memory_cell:
         _free(device)

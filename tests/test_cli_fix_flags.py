@@ -108,8 +108,10 @@ MODULE_COMMANDS = {
     "experiments/demo.py": ("demo",),
     "experiments/matrix.py": ("matrix", "train"),  # (its help points at `wmvla train --preset NAME --help`)
     "experiments/report.py": ("report",),
+    "policy/vision_cache.py": ("vision-cache", "train"),
     "policy/": ("train", "eval"),
     "storage/": ("results push", "results list", "results pull"),
+    "train/vision_cache.py": ("vision-cache",),
     "train/": ("train",),
     "world/cache.py": ("latents",),
     "world/encoder.py": ("latents", "train"),

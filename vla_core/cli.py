@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "precompute world-encoder latents for a dataset (resumable)"),
     "prophet train": ("vla_core.world.prophet_train", "ProphetTrainConfig", "run_prophet_train",
                       "train the Prophet alone on a latent cache and report per-k metrics"),
+    "vision-cache": ("vla_core.train.vision_cache", "VisionCacheConfig", "run_vision_cache",
+                     "precompute a frozen vision tower's outputs for a training run (same flags as train; resumable)"),
     "train": ("vla_core.train.loop", "TrainConfig", "run_train",
               "train a VLA policy (E0/E1/E2/E3); --preset tiny|demo|metaworld-gpu|libero-2b sets the defaults"),
     "eval": ("vla_core.eval.cli", "EvalConfig", "run_eval",

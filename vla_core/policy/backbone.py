@@ -455,6 +455,44 @@ def _vision_forward_with_grid_inputs(self, hidden_states: torch.Tensor, grid_thw
     return self._wmvla_hf_forward(hidden_states, grid_thw=grid_thw, **kwargs)
 
 
+def install_cached_vision(visual: nn.Module) -> None:
+    """Wrap `visual.forward` so that a call can hand back precomputed tower outputs instead of running the tower.
+
+    `VLBackbone.forward(..., vision_features=...)` puts them on the module for the one call it makes (a frozen
+    tower's outputs for training frames, read from the vision-feature cache, vla_core/policy/vision_cache.py);
+    transformers' `get_image_features` then receives them as the tower's own output type and splits, scatters
+    and stacks them exactly as computed ones. Without a pending entry the tower runs as before. (Not through
+    transformers' `mm_encoder_outputs` argument: the 5.17 installed on the GPU machine has none.)"""
+    import types
+
+    if hasattr(visual, "_wmvla_uncached_forward"):
+        return
+    visual._wmvla_uncached_forward = visual.forward
+    visual._wmvla_pending_features = None
+    visual.forward = types.MethodType(_vision_forward_or_cached, visual)
+
+
+def _vision_output(visual: nn.Module, merged: torch.Tensor, deepstack: list[torch.Tensor]):
+    """The tower's output in this transformers version's own type (a dataclass in 5.x, a tuple before)."""
+    import sys
+
+    cls = getattr(sys.modules[type(visual).__module__], "BaseModelOutputWithDeepstackFeatures", None)
+    if cls is None:
+        return merged, deepstack
+    return cls(last_hidden_state=None, pooler_output=merged, deepstack_features=deepstack)
+
+
+def _vision_forward_or_cached(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
+    pending, self._wmvla_pending_features = self._wmvla_pending_features, None
+    if pending is None:
+        return self._wmvla_uncached_forward(hidden_states, grid_thw=grid_thw, **kwargs)
+    # pending: [n_images, 1 + n_deepstack, tokens_per_image, d] (merged tokens first)
+    if grid_thw is not None and int(grid_thw.shape[0]) != int(pending.shape[0]):
+        raise WmvlaError(f"cached vision features hold {pending.shape[0]} images, the prompt has {grid_thw.shape[0]}")
+    flat = pending.transpose(0, 1).flatten(1, 2)  # [1 + n_deepstack, n_images * tokens_per_image, d]
+    return _vision_output(self, flat[0], list(flat[1:]))
+
+
 class VLBackbone(nn.Module):
     """A Qwen-VL base model + its tokenizer + the ACT-token embedding; forward -> last hidden state [B, L, d]."""
 
@@ -517,6 +555,8 @@ class VLBackbone(nn.Module):
             self.batched_vision_attention = batch_vision_attention(model, (cfg.image_size // self.patch_size) ** 2)
         # Qwen3-VL: grid-derived vision inputs computed once per grid (None: transformers computes them per call)
         self.vision_grid_inputs = VisionGridInputs.install(model.visual) if self.family == "qwen3_vl" else None
+        if self.family == "qwen3_vl":  # outermost wrapper: a cached call skips the grid inputs too
+            install_cached_vision(model.visual)
 
     # -------------------------------------------------------------------------------------------- parts
 
@@ -553,14 +593,31 @@ class VLBackbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 image_grid_thw: torch.Tensor, mm_token_type_ids: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """vision_features: the frozen tower's outputs for these images, [n_images, 1 + n_deepstack,
+        tokens_per_image, d] (merged tokens, then the DeepStack features; images in pixel_values order):
+        the tower does not run and `pixel_values` is not read (see `install_cached_vision`)."""
         if position_ids is None and self.vectorized_positions:
             position_ids = mrope_position_ids(mm_token_type_ids, attention_mask, self.merged_grid, self.merged_grid)
         if not self.precompute_vision_inputs:
             image_grid_thw = image_grid_thw.to(input_ids.device)
         # else the grid stays on the CPU: the tower's wrapper (VisionGridInputs.install) and get_image_features'
         # split sizes read it without a host sync
-        out = self.model(
+        if vision_features is not None:
+            if not hasattr(self.model.visual, "_wmvla_pending_features"):
+                raise WmvlaError(f"cached vision features are supported for Qwen3-VL only; this backbone is "
+                                 f"{self.family}. Fix: train without --vision-cache.")
+            self.model.visual._wmvla_pending_features = vision_features
+        try:
+            out = self._model_forward(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
+                                      mm_token_type_ids)
+        finally:  # never left for a later call (e.g. after an exception inside the model)
+            if vision_features is not None:
+                self.model.visual._wmvla_pending_features = None
+        return out.last_hidden_state
+
+    def _model_forward(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, mm_token_type_ids):
+        return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -570,7 +627,6 @@ class VLBackbone(nn.Module):
             use_cache=False,
             return_dict=True,
         )
-        return out.last_hidden_state
 
 
 def save_tiny_checkpoint(cfg: PolicyConfig, path: str | os.PathLike) -> None:

@@ -176,6 +176,20 @@ class VLAPolicy(nn.Module):
             return ".visual." not in name
         return False  # lora, heads_only: the backbone's own weights are frozen
 
+    def check_vision_cache_allowed(self) -> None:
+        """Cached vision-tower outputs stand in for the tower only while it is frozen (its output then never
+        changes); refuse them when it trains (`finetune=full`)."""
+        if getattr(self, "_vision_frozen", False):
+            return
+        trains = [n for n, p in self.named_parameters() if ".visual." in n and p.requires_grad]
+        self._vision_frozen = not trains
+        if trains:
+            raise WmvlaError(
+                f"a vision-feature cache was given but the vision tower trains (finetune={self.cfg.finetune!r}, "
+                f"{len(trains)} trainable tower parameters, e.g. {trains[0]}): its outputs change every step, a "
+                "cache of them would be stale. Fix: drop --vision-cache, or freeze the tower "
+                "(--policy.finetune frozen_vision / lora / heads_only).")
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer must update -- give exactly these to it."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -291,10 +305,22 @@ class VLAPolicy(nn.Module):
     def encode(self, inputs: Mapping) -> torch.Tensor:
         """Processed inputs -> ACT states [B, H, d] (fp32) after readout norm and proprio."""
         bb = self.backbone
-        images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
-        pixel_values, grid = pixel_values_from_images(images.flatten(0, 1), bb.image_mean, bb.image_std,
-                                                      bb.patch_size, bb.merge_size, bb.temporal_patch_size)
-        hidden = bb(inputs["input_ids"], inputs["attention_mask"], pixel_values, grid, inputs["mm_token_type_ids"])
+        cached = inputs.get("vision_features")  # [B, n_cams, 1 + n_deepstack, tokens, d] from the vision cache
+        if cached is not None:
+            self.check_vision_cache_allowed()
+            # the tower is skipped: no pixels (the images need not even be loaded), only the grid (token
+            # counts, M-RoPE positions)
+            side = self.cfg.image_size // bb.patch_size
+            pixel_values = torch.zeros(0, 3 * bb.temporal_patch_size * bb.patch_size**2, device=cached.device)
+            n_images = cached.shape[0] * cached.shape[1]
+            grid = torch.tensor([1, side, side], dtype=torch.long).expand(n_images, 3).contiguous()
+            cached = cached.flatten(0, 1)
+        else:
+            images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
+            pixel_values, grid = pixel_values_from_images(images.flatten(0, 1), bb.image_mean, bb.image_std,
+                                                          bb.patch_size, bb.merge_size, bb.temporal_patch_size)
+        hidden = bb(inputs["input_ids"], inputs["attention_mask"], pixel_values, grid, inputs["mm_token_type_ids"],
+                    vision_features=cached)
         index = inputs["act_index"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         h = self.readout_norm(hidden.gather(1, index).float())
         if self.state_proj is not None:

@@ -41,6 +41,10 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
+# What `resize_images` does, recorded in the vision-feature cache's spec (a change of it must refuse old caches).
+RESIZE_METHOD = "bicubic, antialias, align_corners=False, rounded and clamped to uint8 (processing.resize_images)"
+
+
 def resize_images(images: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
     """uint8 [..., h, w, 3] -> uint8 [..., 3, size, size] (bicubic with antialiasing, rounded like a PIL resize).
 
@@ -199,15 +203,24 @@ class PolicyProcessor:
         if tasks is None:
             raise WmvlaError(f"batch has no `task` (keys: {sorted(batch)}); the policy needs the instruction text")
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        images = _as_tensor(batch["images"])
         n_cams = len(self.cfg.camera_keys)
-        if images.ndim != 5 or images.shape[1] != n_cams or images.shape[-1] != 3:
-            raise WmvlaError(f"images must be uint8 [B, {n_cams}, H, W, 3] (cameras {list(self.cfg.camera_keys)}), "
-                             f"got {tuple(images.shape)}")
-        if images.shape[0] != len(tasks):
-            raise WmvlaError(f"{images.shape[0]} samples of images but {len(tasks)} task strings")
+        # a frozen tower's cached outputs [B, n_cams, ...] (training with --vision-cache) replace the images
+        cached = batch.get("vision_features")
+        if batch.get("images") is None and cached is None:
+            raise WmvlaError(f"batch has no `images` (keys: {sorted(batch)}); expected uint8 [B, {n_cams}, H, W, 3]")
+        for name, x in (("images", batch.get("images")), ("vision_features", cached)):
+            if x is None:
+                continue
+            if x.ndim != 5 or x.shape[1] != n_cams or (name == "images" and x.shape[-1] != 3):
+                raise WmvlaError(f"{name} must be [B, {n_cams}, ...] (cameras {list(self.cfg.camera_keys)}; images "
+                                 f"uint8 [B, {n_cams}, H, W, 3]), got {tuple(x.shape)}")
+            if x.shape[0] != len(tasks):
+                raise WmvlaError(f"{x.shape[0]} samples of {name} but {len(tasks)} task strings")
         out = self.tokenize(tasks)
-        out["images"] = resize_images(images, self.cfg.image_size)  # uint8 [B, n_cams, 3, S, S]
+        if batch.get("images") is not None:
+            out["images"] = resize_images(_as_tensor(batch["images"]), self.cfg.image_size)  # [B, n_cams, 3, S, S]
+        if cached is not None:
+            out["vision_features"] = cached
         if self.cfg.use_state:
             if batch.get("state") is None:
                 raise WmvlaError("use_state=True but the batch has no `state`")

@@ -118,6 +118,13 @@ class TrainConfig:
     world: WorldEncoderSpec = field(default_factory=WorldEncoderSpec)
     """the world encoder the run expects; the cache must match it (None fields match anything)"""
 
+    # ---- frozen vision tower
+    vision_cache: str = ""
+    """precomputed vision-tower outputs (.npy from `wmvla vision-cache`, same flags as this run) read instead of
+    running the frozen tower on training/validation frames; "" = run the tower. Needs policy.finetune
+    frozen_vision / lora / heads_only; refused unless its spec matches this run's policy and dataset. (The data
+    path has no image augmentation; one added later must refuse the cache.)"""
+
     # ---- model and experiment
     experiment: Experiment = "E2"
     """E0 no memory | E1 zero memory | E2 predicted memory | E3 oracle (true future) memory"""
@@ -176,6 +183,10 @@ class TrainConfig:
             raise WmvlaError(f"memory_plan={self.memory_plan!r}; expected auto or off")
         if self.mean_baseline_check not in ("fail", "warn", "off"):
             raise WmvlaError(f"mean_baseline_check={self.mean_baseline_check!r}; expected fail|warn|off")
+        if self.vision_cache:
+            from vla_core.policy.vision_cache import check_vision_frozen
+
+            check_vision_frozen(self.policy)
         # The experiment decides the memory; anything else would make E0..E3 labels lie.
         memory, rollout = EXPERIMENT_MEMORY[self.experiment], EXPERIMENT_ROLLOUT_MEMORY[self.experiment]
         if self.policy.memory != memory or self.policy.rollout_memory != rollout:

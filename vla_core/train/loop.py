@@ -103,14 +103,17 @@ class WorldLatents:
 class TrainCollate:
     """DataLoader collate_fn: stack samples, add world latents, run the policy's processor (in the workers)."""
 
-    def __init__(self, processor, world: WorldLatents | None):
+    def __init__(self, processor, world: WorldLatents | None, vision=None):
         self.processor = processor
         self.world = world
+        self.vision = vision  # a VisionFeatureCache: the frozen tower's outputs per frame (pickles as its path)
 
     def __call__(self, samples: list[dict]) -> dict:
         from vla_core.data.samples import collate_samples
 
         batch = collate_samples(samples)
+        if self.vision is not None:  # instead of the images, which the loader then does not decode
+            batch["vision_features"] = self.vision.get(batch["index"].numpy())
         if self.world is not None:
             batch["world_history"] = torch.from_numpy(self.world.gather(batch["history_index"].numpy()))
             batch["world_future"] = torch.from_numpy(self.world.gather(batch["future_index"].numpy()))
@@ -326,6 +329,17 @@ def build_policy(cfg: TrainConfig, stats: dict, cache=None):
     return policy
 
 
+def open_vision_cache(cfg: TrainConfig, policy, ds):
+    """The run's vision-feature cache, verified against the built policy (tower weights included) and the
+    dataset; None without `vision_cache`."""
+    if not cfg.vision_cache:
+        return None
+    from vla_core.policy.vision_cache import VisionFeatureCache, spec_for
+
+    policy.check_vision_cache_allowed()
+    return VisionFeatureCache.open(cfg.vision_cache, expect=spec_for(cfg.policy, policy.backbone), dataset=ds)
+
+
 def _worker_init(worker_id: int) -> None:
     # numpy / python RNGs of a worker derive from torch's per-worker seed (itself from the loader generator)
     import random
@@ -438,6 +452,9 @@ def train(cfg: TrainConfig) -> dict:
     # ---- seeds, model, optimizer
     seed_everything(rcfg.seed + rank)
     policy = build_policy(rcfg, stats, setup.cache)
+    vision = open_vision_cache(rcfg, policy, ds)
+    if vision is not None:
+        say(f"train: vision tower outputs read from {vision.path} (the tower does not run on dataset frames)")
     fsdp = rcfg.distributed == "fsdp" and world_size > 1
     if rcfg.distributed == "fsdp" and world_size == 1:
         say("train: --distributed fsdp with one process: nothing to shard, training unsharded")
@@ -532,8 +549,9 @@ def train(cfg: TrainConfig) -> dict:
     world = None
     if setup.cache is not None:
         world = WorldLatents(str(setup.cache.path))
-    collate = TrainCollate(policy.processor, world)
-    train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes)
+    collate = TrainCollate(policy.processor, world, vision)
+    train_set = ChunkDataset(ds, chunk_size=H, history=T, horizon=K, keys=rcfg.keys, episodes=setup.train_episodes,
+                             load_images=vision is None)
     sampler = ResumableBatchSampler(np.arange(len(train_set)), o.batch_size, seed=rcfg.seed,
                                     start_batch=step * o.grad_accum, rank=rank, world_size=world_size,
                                     num_batches=o.steps * o.grad_accum, grad_accum=o.grad_accum)
@@ -759,7 +777,7 @@ def _val_data(rcfg: TrainConfig, ds, setup: Setup, collate, policy, stats) -> Va
 
     p = rcfg.policy
     val_set = ChunkDataset(ds, chunk_size=p.chunk_size, history=p.world_history, horizon=p.world_horizon,
-                           keys=rcfg.keys, episodes=setup.val_episodes)
+                           keys=rcfg.keys, episodes=setup.val_episodes, load_images=collate.vision is None)
     n = min(len(val_set), rcfg.val_max_samples)
     pick = np.sort(np.random.default_rng([rcfg.seed, 11]).choice(len(val_set), size=n, replace=False))
     bs = rcfg.optim.batch_size
