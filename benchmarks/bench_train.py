@@ -15,7 +15,8 @@ Speed rows, measured in the same process one after the other, for `full`, `froze
                transformers' own vision attention (one SDPA call per image per layer): the path before issue 21
   ours         the same with the batched vision attention (`policy.batched_vision_attention`, the default)
   ours_compiled  `ours` with every decoder layer and vision block under torch.compile (--compile)
-  ours_cached_vision  `ours` with the frozen tower's outputs precomputed (frozen_vision / lora only): the
+  ours_cached_vision  `ours` (compiled as ours_compiled with --compile) with the frozen tower's outputs
+               precomputed (frozen_vision / lora only): the
                features `wmvla vision-cache` would store (computed here in-process by the same random tower,
                bf16 on the GPU) are handed to forward, so the tower does not run (`--vision-cache` in training;
                the data loader's read of the cache rows is not in this number)
@@ -726,7 +727,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 if name.startswith("ours"):
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
-                                   batched=name != "ours_ref", compile_=name == "ours_compiled",
+                                   batched=name != "ours_ref",
+                                   compile_=name == "ours_compiled" or (name == "ours_cached_vision" and args.compile),
                                    profile=args.profile,
                                    trace_path=f"{args.trace_dir}/{finetune}_{name}.json" if args.trace_dir else "",
                                    compile_mode=args.compile_mode, cached_vision=name == "ours_cached_vision")
