@@ -166,7 +166,7 @@ def test_cache_for_another_config_or_dataset_is_refused_naming_the_fields(built,
     meta = meta_path(npy).read_text()
     meta_path(npy).unlink()
     try:
-        with pytest.raises(WmvlaError, match=r"has no spec file .* not completed by `wmvla vision-cache`"):
+        with pytest.raises(WmvlaError, match=r"has no spec file .* its build did not complete.*wmvla vision-cache"):
             VisionFeatureCache.open(npy)
     finally:
         meta_path(npy).write_text(meta)

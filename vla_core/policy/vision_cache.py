@@ -54,6 +54,7 @@ from vla_core.world.cache import (
     dataset_name,
     meta_path,
     progress_path,
+    read_complete_meta,
 )
 
 FORMAT = "wmvla-vision-features-v1"
@@ -188,23 +189,7 @@ class VisionFeatureCache:
     def open(cls, path: str | Path, expect: VisionCacheSpec | None = None, dataset=None) -> "VisionFeatureCache":
         """Open and verify; refuse (WmvlaError) an unfinished cache, another spec or another dataset."""
         npy = _npy_path(path)
-        meta_p, prog_p = meta_path(npy), progress_path(npy)
-        if not meta_p.exists():
-            if prog_p.exists():
-                prog = json.loads(prog_p.read_text())
-                raise WmvlaError(f"vision-feature cache {npy} is incomplete: its build stopped after "
-                                 f"{prog.get('episodes_done')} of {prog.get('num_episodes')} episodes. Fix: run {HOW}.")
-            if npy.exists():
-                raise WmvlaError(f"vision-feature cache {npy} has no spec file {meta_p.name} beside it: it was not "
-                                 f"completed by `wmvla vision-cache`. Fix: delete {npy} and build it with {HOW}.")
-            raise WmvlaError(f"no vision-feature cache at {npy}. Fix: build it with {HOW}.")
-        meta = json.loads(meta_p.read_text())
-        if meta.get("format") != FORMAT or not meta.get("complete"):
-            raise WmvlaError(f"{meta_p} is not a complete {FORMAT} spec (format {meta.get('format')!r}, complete "
-                             f"{meta.get('complete')!r}). Fix: rebuild with {HOW}.")
-        if not npy.exists():
-            raise WmvlaError(f"vision-feature spec {meta_p} exists but the array {npy} is missing. "
-                             f"Fix: rebuild with {HOW}.")
+        meta = read_complete_meta(npy, FORMAT, "vision-feature cache", HOW)
         spec = VisionCacheSpec(**{**meta["spec"], "camera_keys": tuple(meta["spec"]["camera_keys"]),
                                   "image_mean": tuple(meta["spec"]["image_mean"]),
                                   "image_std": tuple(meta["spec"]["image_std"])})

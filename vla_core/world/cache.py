@@ -143,6 +143,30 @@ def _describe_rows(rows: np.ndarray, ds=None) -> str:
     return text
 
 
+def read_complete_meta(npy: Path, fmt: str, what: str, how: str) -> dict:
+    """The spec file of a finished cache beside `npy`, or a WmvlaError naming what is wrong and the command that
+    fixes it (`how`): an interrupted build (progress file, no spec), an array without spec, no cache at all, a
+    spec of another format or not marked complete, a spec without its array. Shared by every cache of this
+    layout (world latents here, the vision-feature cache in vla_core/policy/vision_cache.py)."""
+    meta_p, prog_p = meta_path(npy), progress_path(npy)
+    if not meta_p.exists():
+        if prog_p.exists():
+            prog = json.loads(prog_p.read_text())
+            raise WmvlaError(f"{what} {npy} is incomplete: its build stopped after {prog.get('episodes_done')} of "
+                             f"{prog.get('num_episodes')} episodes. Fix: run {how} again; it resumes where it stopped.")
+        if npy.exists():
+            raise WmvlaError(f"{what} {npy} has no spec file {meta_p.name} beside it: its build did not complete (or "
+                             f"the spec was deleted). Fix: delete {npy} and build it with {how}.")
+        raise WmvlaError(f"no {what} at {npy}. Fix: build it with {how}.")
+    meta = json.loads(meta_p.read_text())
+    if meta.get("format") != fmt or not meta.get("complete"):
+        raise WmvlaError(f"{meta_p} is not a complete {fmt} spec (format {meta.get('format')!r}, complete "
+                         f"{meta.get('complete')!r}). Fix: rebuild with {how}.")
+    if not npy.exists():
+        raise WmvlaError(f"{what} spec {meta_p} exists but the array {npy} is missing. Fix: rebuild with {how}.")
+    return meta
+
+
 class LatentCache:
     """A complete latent cache: `.latents` float16 memmap [N, D] (row = global frame index), `.spec`, `.meta`."""
 
@@ -182,28 +206,8 @@ class LatentCache:
         dataset: the LeRobotDataset the latents will be used with (row count + fingerprint must match).
         """
         npy = _npy_path(path)
-        meta_p, prog_p = meta_path(npy), progress_path(npy)
         how = "`wmvla latents DATASET --encoder ENCODER --window M` (same arguments as before)"
-        if not meta_p.exists():
-            if prog_p.exists():
-                prog = json.loads(prog_p.read_text())
-                raise WmvlaError(
-                    f"latent cache {npy} is incomplete: the precompute was interrupted after "
-                    f"{prog.get('episodes_done')} of {prog.get('num_episodes')} episodes. "
-                    f"Fix: run {how} again; it resumes where it stopped."
-                )
-            if npy.exists():
-                raise WmvlaError(
-                    f"latent cache {npy} has no spec file {meta_p.name} beside it: it was not completed by "
-                    f"`wmvla latents` (or the spec was deleted). Fix: delete {npy} and recompute with {how}."
-                )
-            raise WmvlaError(f"no latent cache at {npy}. Fix: create it with {how}.")
-        meta = json.loads(meta_p.read_text())
-        if meta.get("format") != FORMAT or not meta.get("complete"):
-            raise WmvlaError(f"{meta_p} is not a complete {FORMAT} cache spec (format {meta.get('format')!r}, "
-                             f"complete {meta.get('complete')!r}). Fix: recompute with {how}.")
-        if not npy.exists():
-            raise WmvlaError(f"latent cache spec {meta_p} exists but the array {npy} is missing. Fix: recompute with {how}.")
+        meta = read_complete_meta(npy, FORMAT, "latent cache", how)
         spec = WorldEncoderSpec.from_dict(meta["spec"])
         latents = np.load(npy, mmap_mode="r")
         want_shape = (int(meta["num_rows"]), int(meta["dim"]))
