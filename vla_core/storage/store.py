@@ -6,8 +6,11 @@ path-style addressing (virtual-host names do not resolve for a plain endpoint). 
 retry mode retries throttling, 5xx and connection errors with exponential backoff and jitter; boto3's
 TransferConfig splits large files into concurrent multipart transfers.
 
-Every uploaded object carries its sha256 in user metadata (`x-amz-meta-sha256`), so a later sync can
-skip an unchanged file with one HEAD instead of a download. Every failure becomes a `StorageError` that
+An uploaded object carries its sha256 in user metadata (`x-amz-meta-sha256`), so a later sync can skip an
+unchanged file with one HEAD instead of a download and a download without a manifest can be verified; except
+a multipart upload whose caller keeps the sha256 elsewhere (`object_sha256=False`: `publish_run`'s
+manifest), which is hashed while it uploads (S3 fixes an object's metadata when its multipart upload starts,
+before the hash is known); such an object is matched by its ETag. Every failure becomes a `StorageError` that
 names the endpoint, bucket and key, never a credential.
 """
 
@@ -98,8 +101,11 @@ class Store:
 
     uri: str
 
-    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> str:
-        """Upload; returns the file's sha256 (computed unless the caller passes it)."""
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None, *,
+                 object_sha256: bool = True) -> str:
+        """Upload; returns the file's sha256 (computed unless the caller passes it). `object_sha256`: the store
+        keeps the sha256 with the object (S3: in its metadata) for readers without a manifest; False when the
+        caller records it itself (a manifest): a big file is then hashed while it uploads, not before."""
         raise NotImplementedError
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> str:
@@ -178,7 +184,7 @@ class LocalStore(Store):
             raise StorageError(f"{self.uri}: key {key!r} leaves the store's folder")
         return p
 
-    def put_file(self, local_path, key, sha256=None):
+    def put_file(self, local_path, key, sha256=None, *, object_sha256=True):
         dst = self._path(key)
         with atomic_path(dst, suffix=".part", fsync=False) as tmp:
             digest = _copy_hashing(local_path, tmp)
@@ -359,7 +365,7 @@ class S3Store(Store):
                 raise self._error(e, op, key) from None
             raise
 
-    def put_file(self, local_path, key, sha256=None):
+    def put_file(self, local_path, key, sha256=None, *, object_sha256=True):
         local_path = Path(local_path)
         size = local_path.stat().st_size
         threshold = self.multipart_threshold or MULTIPART_THRESHOLD
@@ -369,17 +375,26 @@ class S3Store(Store):
             with self._errors("upload to", key):
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                        Metadata={SHA256_META: digest})
-        else:
-            # multipart: the metadata is fixed when the upload starts, so the file is hashed first. (Hashing
-            # while boto3 reads through a non-seekable wrapper saves that pass but was no faster in our
-            # trials: the server bounds uploads, and the wrapper costs more CPU)
+        elif sha256 or object_sha256:
+            # multipart with the checksum in metadata: the metadata is fixed when the upload starts, so the file
+            # is hashed first (unless the caller already has the hash)
             digest = sha256 or sha256_file(local_path)
-            with self._errors("upload to", key):
-                self.client.upload_file(str(local_path), self.bucket, self._key(key),
-                                        ExtraArgs={"Metadata": {SHA256_META: digest}},
-                                        Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+            self._upload_file(local_path, key, {"Metadata": {SHA256_META: digest}})
+        else:
+            # the caller keeps the sha256 (a manifest written after the upload): hashed in a thread while the
+            # parts go up, so the push costs no pass before its first byte (hashlib releases the GIL; the second
+            # read of the file comes from the page cache). An object without the metadata is matched by its ETag
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wmvla-hash") as hashing:
+                pending = hashing.submit(sha256_file, local_path)
+                self._upload_file(local_path, key, None)
+                digest = pending.result()
         _count_bytes("up", size)
         return digest
+
+    def _upload_file(self, local_path: Path, key: str, extra_args: dict | None) -> None:
+        with self._errors("upload to", key):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs=extra_args,
+                                    Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
 
     def get_file(self, key, local_path):
         local_path = Path(local_path)
