@@ -5,6 +5,7 @@ errors without the secret), datasets from the bucket, and the `wmvla results` co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -112,6 +113,32 @@ def test_store_round_trip(kind, s3, tmp_path):
     assert not st.exists("a/f.bin")
     with pytest.raises(StorageError, match="a/missing"):
         st.get_bytes("a/missing")
+
+
+def test_small_puts_send_their_body_with_the_headers(s3, tmp_path, monkeypatch):
+    # no "Expect: 100-continue" wait (a round trip per small file) below EXPECT_CONTINUE_MIN; big bodies keep it
+    monkeypatch.setattr(store_mod, "EXPECT_CONTINUE_MIN", 64 * 1024)
+    st = open_store(f"{s3}/expect")
+    sent: list[tuple[int, bool, str]] = []
+
+    def record(request, **_):
+        body = request.body
+        n = len(body) if isinstance(body, (bytes, bytearray)) else len(body.getvalue())
+        sent.append((n, "Expect" in request.headers, request.headers.get("x-amz-checksum-crc32", b"").decode()))
+
+    st.client.meta.events.register("before-send.s3.PutObject", record, unique_id="test-expect")
+    try:
+        small, big = os.urandom(64 * 1024 - 1), os.urandom(64 * 1024)
+        st.put_bytes("small.bin", small)
+        (tmp_path / "small.json").write_bytes(small[:5000])
+        st.put_file(tmp_path / "small.json", "small.json")
+        st.put_bytes("big.bin", big)
+    finally:
+        st.client.meta.events.unregister("before-send.s3.PutObject", unique_id="test-expect")
+    assert [(n, expect) for n, expect, _ in sent] == [(len(small), False), (5000, False), (len(big), True)]
+    assert all(crc for _, _, crc in sent)  # botocore's checksum is still computed and sent (the server checks it)
+    assert st.get_bytes("small.bin") == small and st.get_bytes("small.json") == small[:5000]
+    assert st.get_bytes("big.bin") == big and st.stored_sha256("small.bin") == hashlib.sha256(small).hexdigest()
 
 
 def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import mmap
 import os
 import threading
@@ -42,6 +43,9 @@ DEFAULT_MAX_ATTEMPTS = 5  # botocore standard mode; AWS_MAX_ATTEMPTS overrides
 STREAM_CHUNK = 1 * MiB  # a download's body is read and written in pieces this large (reused memory, no 16 MiB buffers)
 STREAM_ATTEMPTS = 3  # a part whose body stops streaming is resumed where it stopped this many times
 PART_THREADS = 2 * MAX_CONCURRENCY  # download parts in flight in the whole process
+# botocore asks every PutObject with a body to wait for "100 Continue" before sending it: one more round trip per
+# small file. Below this size the body goes with the headers (the AWS SDKs for Go v2 and Kotlin default to 2 MB)
+EXPECT_CONTINUE_MIN = 2 * MiB
 
 
 class StorageError(WmvlaError):
@@ -286,8 +290,21 @@ def s3_client():
                 read_timeout=60,
             )
             client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+            # after botocore's own handler, which adds the header
+            client.meta.events.register_last("before-call.s3.PutObject", _send_small_bodies_at_once)
             _clients[ident] = client
     return client
+
+
+def _send_small_bodies_at_once(params: dict, **_) -> None:
+    """A PutObject body under EXPECT_CONTINUE_MIN is sent with its headers: no `Expect: 100-continue` (a round
+    trip that saves sending a body the server would refuse, worth it only for big ones), and as bytes, so
+    botocore writes headers and body in one send (a file-like body goes in a second send, which can wait on
+    TCP's delayed ACK). Retries resend the same bytes; the checksum headers are computed after this."""
+    body = params.get("body")
+    if isinstance(body, io.BytesIO) and len(body.getbuffer()) < EXPECT_CONTINUE_MIN and body.tell() == 0:
+        params["headers"].pop("Expect", None)
+        params["body"] = body.getvalue()
 
 
 def transfer_config(multipart_threshold: int | None = None, multipart_chunksize: int | None = None):
