@@ -5,6 +5,7 @@ errors without the secret), datasets from the bucket, and the `wmvla results` co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -70,9 +71,9 @@ class Spy(S3Store):
         if self.fail_after is not None and len(self.writes) + len(self.gets) >= self.fail_after:
             raise KeyboardInterrupt("simulated kill")
 
-    def put_file(self, local_path, key, sha256=None):
+    def put_file(self, local_path, key, sha256=None, **kw):
         self._tick()
-        digest = super().put_file(local_path, key, sha256)
+        digest = super().put_file(local_path, key, sha256, **kw)
         self.writes.append(key)
         return digest
 
@@ -114,6 +115,32 @@ def test_store_round_trip(kind, s3, tmp_path):
         st.get_bytes("a/missing")
 
 
+def test_small_puts_send_their_body_with_the_headers(s3, tmp_path, monkeypatch):
+    # no "Expect: 100-continue" wait (a round trip per small file) below EXPECT_CONTINUE_MIN; big bodies keep it
+    monkeypatch.setattr(store_mod, "EXPECT_CONTINUE_MIN", 64 * 1024)
+    st = open_store(f"{s3}/expect")
+    sent: list[tuple[int, bool, str]] = []
+
+    def record(request, **_):
+        body = request.body
+        n = len(body) if isinstance(body, (bytes, bytearray)) else len(body.getvalue())
+        sent.append((n, "Expect" in request.headers, request.headers.get("x-amz-checksum-crc32", b"").decode()))
+
+    st.client.meta.events.register("before-send.s3.PutObject", record, unique_id="test-expect")
+    try:
+        small, big = os.urandom(64 * 1024 - 1), os.urandom(64 * 1024)
+        st.put_bytes("small.bin", small)
+        (tmp_path / "small.json").write_bytes(small[:5000])
+        st.put_file(tmp_path / "small.json", "small.json")
+        st.put_bytes("big.bin", big)
+    finally:
+        st.client.meta.events.unregister("before-send.s3.PutObject", unique_id="test-expect")
+    assert [(n, expect) for n, expect, _ in sent] == [(len(small), False), (5000, False), (len(big), True)]
+    assert all(crc for _, _, crc in sent)  # botocore's checksum is still computed and sent (the server checks it)
+    assert st.get_bytes("small.bin") == small and st.get_bytes("small.json") == small[:5000]
+    assert st.get_bytes("big.bin") == big and st.stored_sha256("small.bin") == hashlib.sha256(small).hexdigest()
+
+
 def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
     # 5 MiB is S3's smallest part: a 12 MiB file goes up in 3 concurrent parts
     monkeypatch.setattr(store_mod, "MULTIPART_THRESHOLD", 5 * store_mod.MiB)
@@ -137,6 +164,113 @@ def test_multipart_upload_and_download(s3, tmp_path, monkeypatch):
     assert not st.matches("foreign.bin", tmp_path / "other.bin")
     assert st.get_file("big.bin", tmp_path / "back.bin") == sha256_file(src)
     assert sha256_file(tmp_path / "back.bin") == sha256_file(src)
+
+
+# ------------------------------------------------------------------- a push hashed while it uploads
+
+def _big_run(root: Path, seed: bytes = b"") -> Path:
+    """A checkpoint-like folder: one file above the (test-sized) multipart threshold and a small one."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.safetensors").write_bytes(seed + os.urandom(12 * store_mod.MiB - len(seed)))
+    (root / "config.json").write_text('{"x": 1}')
+    return root
+
+
+@pytest.fixture
+def five_mib_parts(monkeypatch):
+    # 5 MiB is S3's smallest part: a 12 MiB file goes up in 3 concurrent parts
+    monkeypatch.setattr(store_mod, "MULTIPART_THRESHOLD", 5 * store_mod.MiB)
+    monkeypatch.setattr(store_mod, "MULTIPART_CHUNKSIZE", 5 * store_mod.MiB)
+
+
+def test_publish_hashes_big_files_while_they_upload_and_the_manifest_holds_their_sha256(s3, five_mib_parts,
+                                                                                       tmp_path):
+    run = _big_run(tmp_path / "ckpt")
+    publish_run(run, f"{s3}/ckpt")
+    st = open_store(f"{s3}/ckpt")
+    m = json.loads(st.get_bytes(MANIFEST))
+    for rel in ("model.safetensors", "config.json"):
+        assert m["files"][rel] == {"size": (run / rel).stat().st_size, "sha256": sha256_file(run / rel)}
+    head = st.client.head_object(Bucket=st.bucket, Key=st._key("model.safetensors"))
+    assert head["ETag"].strip('"').endswith("-3"), head["ETag"]
+    # the manifest, not the object, carries a published big file's sha256 (S3 fixes metadata before the hash
+    # is known); a small file still has it in its metadata
+    assert st.stored_sha256("model.safetensors") is None and st.stored_sha256("config.json") == m["files"][
+        "config.json"]["sha256"]
+    res = pull_run(f"{s3}/ckpt", tmp_path / "pulled")
+    assert res["complete"] and (tmp_path / "pulled" / "model.safetensors").read_bytes() == \
+        (run / "model.safetensors").read_bytes()
+    # re-publishing the same files sends nothing but the manifest: the big object is matched by its ETag
+    spy = Spy(open_store(f"{s3}/ckpt"))
+    publish_run(run, spy)
+    assert spy.writes == [MANIFEST]
+    # a changed file of the same size is sent again (its ETag differs), and the new manifest says so
+    (run / "model.safetensors").write_bytes(b"changed" + (run / "model.safetensors").read_bytes()[7:])
+    spy = Spy(open_store(f"{s3}/ckpt"))
+    publish_run(run, spy)
+    assert sorted(spy.writes) == sorted([MANIFEST, "model.safetensors"]) and spy.writes[-1] == MANIFEST
+    assert json.loads(st.get_bytes(MANIFEST))["files"]["model.safetensors"]["sha256"] == \
+        sha256_file(run / "model.safetensors")
+    assert pull_run(f"{s3}/ckpt", tmp_path / "pulled2")["complete"]
+
+
+def test_a_corrupted_or_truncated_big_object_without_metadata_is_refused(s3, five_mib_parts, tmp_path):
+    run = _big_run(tmp_path / "ckpt")
+    publish_run(run, f"{s3}/ckpt")
+    st = open_store(f"{s3}/ckpt")
+    good = (run / "model.safetensors").read_bytes()
+    key = st._key("model.safetensors")
+    # same size, one byte different, stored by another client (no metadata): only the manifest's sha256 tells
+    st.client.put_object(Bucket=st.bucket, Key=key, Body=good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(StorageError, match=r"corrupted object.*sha256"):
+        pull_run(f"{s3}/ckpt", tmp_path / "p")
+    assert not (tmp_path / "p" / "model.safetensors").exists()
+    st.client.put_object(Bucket=st.bucket, Key=key, Body=good[: len(good) // 2])  # truncated
+    with pytest.raises(RunCorrupted, match="model.safetensors"):
+        pull_run(f"{s3}/ckpt", tmp_path / "p")
+    assert not (tmp_path / "p" / "model.safetensors").exists()
+
+
+def test_a_push_cut_mid_upload_leaves_no_manifest_and_the_rerun_completes_it(s3, s3_server, five_mib_parts,
+                                                                            tmp_path, monkeypatch):
+    import threading
+
+    from vla_core.storage.netproxy import LatencyProxy
+
+    old = _big_run(tmp_path / "v1")
+    publish_run(old, f"{s3}/run")
+    st = open_store(f"{s3}/run")
+    new = _big_run(tmp_path / "v2")
+    errors: list[BaseException] = []
+    with LatencyProxy(s3_server.port) as gate:
+        monkeypatch.setenv(env_names.AWS_ENDPOINT_URL, gate.endpoint)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        gate.hold_on(b"partNumber=2")  # the second part's request: the big file is half sent
+
+        def push() -> None:
+            try:
+                publish_run(new, f"{s3}/run")
+            except BaseException as e:  # noqa: BLE001 - the test checks it below
+                errors.append(e)
+
+        t = threading.Thread(target=push)
+        t.start()
+        assert gate.held.wait(60), "the upload never reached its second part"
+        gate.close()  # the store goes away mid-upload (every connection dropped, nothing listens)
+        t.join(120)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], StorageError), errors
+    monkeypatch.setenv(env_names.AWS_ENDPOINT_URL, s3_server.endpoint)
+    # never a manifest naming a half-sent file: the old one went first, the new one was not written
+    assert not st.exists(MANIFEST)
+    with pytest.raises(RunIncomplete, match="no _manifest.json"):
+        pull_run(f"{s3}/run", tmp_path / "p")
+    # the unfinished multipart upload replaced nothing: the object still holds the old bytes, whole
+    st.get_file("model.safetensors", tmp_path / "still.bin")
+    assert (tmp_path / "still.bin").read_bytes() == (old / "model.safetensors").read_bytes()
+    publish_run(new, f"{s3}/run")
+    res = pull_run(f"{s3}/run", tmp_path / "p")
+    assert res["complete"]
+    assert (tmp_path / "p" / "model.safetensors").read_bytes() == (new / "model.safetensors").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------- runs

@@ -64,10 +64,15 @@ def publish_run(local_dir: str | os.PathLike, uri: str | Store, *, workers: int 
     store = _store(uri)
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: no such results folder to publish")
-    # first request: a missing bucket or wrong credentials fail here, before any upload
-    store.delete(MANIFEST)
+    # first request: a missing bucket or wrong credentials fail here, before any upload. The listing also
+    # says which files are there already (a resumed publish) and whether an old manifest must go first
+    listing = store.list()
+    if any(o.key == MANIFEST for o in listing):
+        store.delete(MANIFEST)
     kwargs = {"workers": workers} if workers else {}
-    res: SyncResult = sync_up(local_dir, store, exclude=lambda rel: rel == MANIFEST, **kwargs)
+    # the manifest carries every file's sha256: big files are hashed while they upload, not in a pass before
+    res: SyncResult = sync_up(local_dir, store, exclude=lambda rel: rel == MANIFEST, object_sha256=False,
+                              listing=[o for o in listing if o.key != MANIFEST], **kwargs)
     manifest = {
         "format": MANIFEST_FORMAT,
         "run": local_dir.resolve().name,

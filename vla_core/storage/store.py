@@ -6,8 +6,11 @@ path-style addressing (virtual-host names do not resolve for a plain endpoint). 
 retry mode retries throttling, 5xx and connection errors with exponential backoff and jitter; boto3's
 TransferConfig splits large files into concurrent multipart transfers.
 
-Every uploaded object carries its sha256 in user metadata (`x-amz-meta-sha256`), so a later sync can
-skip an unchanged file with one HEAD instead of a download. Every failure becomes a `StorageError` that
+An uploaded object carries its sha256 in user metadata (`x-amz-meta-sha256`), so a later sync can skip an
+unchanged file with one HEAD instead of a download and a download without a manifest can be verified; except
+a multipart upload whose caller keeps the sha256 elsewhere (`object_sha256=False`: `publish_run`'s
+manifest), which is hashed while it uploads (S3 fixes an object's metadata when its multipart upload starts,
+before the hash is known); such an object is matched by its ETag. Every failure becomes a `StorageError` that
 names the endpoint, bucket and key, never a credential.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import mmap
 import os
 import threading
@@ -39,6 +43,9 @@ DEFAULT_MAX_ATTEMPTS = 5  # botocore standard mode; AWS_MAX_ATTEMPTS overrides
 STREAM_CHUNK = 1 * MiB  # a download's body is read and written in pieces this large (reused memory, no 16 MiB buffers)
 STREAM_ATTEMPTS = 3  # a part whose body stops streaming is resumed where it stopped this many times
 PART_THREADS = 2 * MAX_CONCURRENCY  # download parts in flight in the whole process
+# botocore asks every PutObject with a body to wait for "100 Continue" before sending it: one more round trip per
+# small file. Below this size the body goes with the headers (the AWS SDKs for Go v2 and Kotlin default to 2 MB)
+EXPECT_CONTINUE_MIN = 2 * MiB
 
 
 class StorageError(WmvlaError):
@@ -98,8 +105,11 @@ class Store:
 
     uri: str
 
-    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None) -> str:
-        """Upload; returns the file's sha256 (computed unless the caller passes it)."""
+    def put_file(self, local_path: str | os.PathLike, key: str, sha256: str | None = None, *,
+                 object_sha256: bool = True) -> str:
+        """Upload; returns the file's sha256 (computed unless the caller passes it). `object_sha256`: the store
+        keeps the sha256 with the object (S3: in its metadata) for readers without a manifest; False when the
+        caller records it itself (a manifest): a big file is then hashed while it uploads, not before."""
         raise NotImplementedError
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> str:
@@ -178,7 +188,7 @@ class LocalStore(Store):
             raise StorageError(f"{self.uri}: key {key!r} leaves the store's folder")
         return p
 
-    def put_file(self, local_path, key, sha256=None):
+    def put_file(self, local_path, key, sha256=None, *, object_sha256=True):
         dst = self._path(key)
         with atomic_path(dst, suffix=".part", fsync=False) as tmp:
             digest = _copy_hashing(local_path, tmp)
@@ -280,8 +290,21 @@ def s3_client():
                 read_timeout=60,
             )
             client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+            # after botocore's own handler, which adds the header
+            client.meta.events.register_last("before-call.s3.PutObject", _send_small_bodies_at_once)
             _clients[ident] = client
     return client
+
+
+def _send_small_bodies_at_once(params: dict, **_) -> None:
+    """A PutObject body under EXPECT_CONTINUE_MIN is sent with its headers: no `Expect: 100-continue` (a round
+    trip that saves sending a body the server would refuse, worth it only for big ones), and as bytes, so
+    botocore writes headers and body in one send (a file-like body goes in a second send, which can wait on
+    TCP's delayed ACK). Retries resend the same bytes; the checksum headers are computed after this."""
+    body = params.get("body")
+    if isinstance(body, io.BytesIO) and len(body.getbuffer()) < EXPECT_CONTINUE_MIN and body.tell() == 0:
+        params["headers"].pop("Expect", None)
+        params["body"] = body.getvalue()
 
 
 def transfer_config(multipart_threshold: int | None = None, multipart_chunksize: int | None = None):
@@ -359,7 +382,7 @@ class S3Store(Store):
                 raise self._error(e, op, key) from None
             raise
 
-    def put_file(self, local_path, key, sha256=None):
+    def put_file(self, local_path, key, sha256=None, *, object_sha256=True):
         local_path = Path(local_path)
         size = local_path.stat().st_size
         threshold = self.multipart_threshold or MULTIPART_THRESHOLD
@@ -369,17 +392,26 @@ class S3Store(Store):
             with self._errors("upload to", key):
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                        Metadata={SHA256_META: digest})
-        else:
-            # multipart: the metadata is fixed when the upload starts, so the file is hashed first. (Hashing
-            # while boto3 reads through a non-seekable wrapper saves that pass but was no faster in our
-            # trials: the server bounds uploads, and the wrapper costs more CPU)
+        elif sha256 or object_sha256:
+            # multipart with the checksum in metadata: the metadata is fixed when the upload starts, so the file
+            # is hashed first (unless the caller already has the hash)
             digest = sha256 or sha256_file(local_path)
-            with self._errors("upload to", key):
-                self.client.upload_file(str(local_path), self.bucket, self._key(key),
-                                        ExtraArgs={"Metadata": {SHA256_META: digest}},
-                                        Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
+            self._upload_file(local_path, key, {"Metadata": {SHA256_META: digest}})
+        else:
+            # the caller keeps the sha256 (a manifest written after the upload): hashed in a thread while the
+            # parts go up, so the push costs no pass before its first byte (hashlib releases the GIL; the second
+            # read of the file comes from the page cache). An object without the metadata is matched by its ETag
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wmvla-hash") as hashing:
+                pending = hashing.submit(sha256_file, local_path)
+                self._upload_file(local_path, key, None)
+                digest = pending.result()
         _count_bytes("up", size)
         return digest
+
+    def _upload_file(self, local_path: Path, key: str, extra_args: dict | None) -> None:
+        with self._errors("upload to", key):
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), ExtraArgs=extra_args,
+                                    Config=transfer_config(self.multipart_threshold, self.multipart_chunksize))
 
     def get_file(self, key, local_path):
         local_path = Path(local_path)

@@ -1,8 +1,8 @@
 """Copy folder trees to and from a store, concurrently, skipping files that are already there.
 
-A file counts as "already there" when size and sha256 match: on upload the object's sha256 metadata
-(one HEAD, only for objects whose size already matches); on download the local file's sha256 against
-the expected one (from a run manifest, the object's metadata, or a single-part object's MD5 ETag).
+A file counts as "already there" when size and checksum match: on upload the object's sha256 metadata, or
+its ETag where it has none (one HEAD, only for objects whose size already matches); on download the local
+file's sha256 against the expected one (from a run manifest or the object's metadata), else the ETag.
 
 Small files dominate results trees and datasets (JSON, parquet shards, PNGs); one request at a time they
 are latency-bound, so files go through a thread pool (FILE_WORKERS) sharing one boto3 client, while each
@@ -67,14 +67,19 @@ def run_pool(fn, items: Iterable, workers: int = FILE_WORKERS) -> list:
 
 
 def sync_up(local_dir: str | os.PathLike, uri: str | Store, *, exclude: Callable[[str], bool] | None = None,
-            files: list[str] | None = None, workers: int = FILE_WORKERS) -> SyncResult:
-    """Upload local_dir's files to uri (same relative keys), skipping objects with the same size and sha256."""
+            files: list[str] | None = None, workers: int = FILE_WORKERS, object_sha256: bool = True,
+            listing: list[ObjectInfo] | None = None) -> SyncResult:
+    """Upload local_dir's files to uri (same relative keys), skipping objects with the same size and sha256.
+
+    `object_sha256=False`: the caller records the returned sha256s itself (a manifest), so big files need not
+    carry it in their metadata and are hashed while they upload (`Store.put_file`). `listing`: the store's
+    objects when the caller has just listed them (saves a request)."""
     local_dir = Path(local_dir)
     store = uri if isinstance(uri, Store) else open_store(uri)
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir}: no such folder to upload")
     rels = files if files is not None else local_files(local_dir, exclude)
-    remote = {o.key: o.size for o in store.list()} if rels else {}
+    remote = {o.key: o.size for o in (store.list() if listing is None else listing)} if rels else {}
     result = SyncResult()
 
     def one(rel: str) -> tuple[str, bool, int, str]:
@@ -85,7 +90,7 @@ def sync_up(local_dir: str | os.PathLike, uri: str | Store, *, exclude: Callable
             if store.matches(rel, path, digest):
                 return rel, False, size, digest
             return rel, True, size, store.put_file(path, rel, sha256=digest)
-        return rel, True, size, store.put_file(path, rel)
+        return rel, True, size, store.put_file(path, rel, object_sha256=object_sha256)
 
     for rel, sent, size, digest in run_pool(one, rels, workers):
         (result.transferred if sent else result.skipped).append(rel)
