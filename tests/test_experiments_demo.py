@@ -148,6 +148,7 @@ def killed_twice_then_resumed(out: Path, args: list[str], training) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~3 min; the default run keeps `pipeline run --local` killed in evaluation (test_pipeline_local)
 def test_demo_killed_in_training_and_in_evaluation_resumes_to_an_uninterrupted_runs_results(tmp_path):
     """`wmvla demo --out D` killed with -9 in the middle of training (before its first checkpoint: the
     demo preset saves every 200 steps; the slow test below kills it after one), run again and killed in the

@@ -106,6 +106,7 @@ def test_script_passes_shellcheck():
     assert r.returncode == 0, r.stdout
 
 
+@pytest.mark.slow  # ~1 min: a whole kfp.local run; the default run checks the script's steps and its arguments
 def test_smoke_arguments_run_through_kfp_local(tmp_path, s3_env, monkeypatch):
     """What the smoke job submits, run here on the CPU-only compile: results_uri left to the install
     (WMVLA_RESULTS_URI, as the chart's ConfigMap sets it), then pulled from the bucket."""

@@ -34,10 +34,13 @@ from vla_core.storage.seaweed import PID_FILE, SeaweedFS, _start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The owner restores Python's Ctrl-C handler first: a parent that ignores SIGINT (pytest started from a shell's
+# background job, as CI may) hands SIG_IGN down, and Python then leaves it ignored, unlike a terminal's process.
 OWNER = """
-import contextlib, sys, time
+import contextlib, signal, sys, time
 from pathlib import Path
 from pipelines.demo import _embedded_store
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with contextlib.ExitStack() as stack:
     print(_embedded_store(stack, Path(sys.argv[1])), flush=True)
     time.sleep(600)

@@ -107,8 +107,8 @@ class VLAPolicy(nn.Module):
 
     def compile_blocks(self, mode: str | None = None) -> int:
         """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
-        checkpoints unchanged; all layers of a kind share one compiled graph), and the policy's own modules
-        around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
+        checkpoints unchanged; all layers of a kind share one compiled graph), and on a GPU the policy's own
+        modules around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
         elementwise work between the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the
         number of modules compiled."""
         import torch._dynamo
@@ -116,10 +116,12 @@ class VLAPolicy(nn.Module):
         # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         blocks = list(self.backbone.language_model.layers) + list(getattr(self.backbone.vision_tower, "blocks", []))
-        # the policy's modules: a few hundred small eager kernels between the backbone and the backward (the
-        # memory's finiteness check is deferred in training, so the memory module compiles without a break)
-        blocks += [m for m in (self.state_proj, self.prophet, self.memory) if m is not None]
-        blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
+        # the policy's modules: a few hundred small eager kernels between the backbone and the backward on a GPU
+        # (the memory's finiteness check is deferred in training, so the memory module compiles without a
+        # break); on a CPU there is no launch cost to remove, only compile time
+        if self.device.type == "cuda":
+            blocks += [m for m in (self.state_proj, self.prophet, self.memory) if m is not None]
+            blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
         for block in blocks:
             block.compile(mode=mode)
         return len(blocks)
