@@ -569,6 +569,12 @@ class VLBackbone(nn.Module):
         if self.vision_grid_inputs is not None:
             self.vision_grid_inputs.enabled = bool(on)
 
+    def grid_for_model(self, image_grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The grid where the model reads it: on the CPU while the grid inputs are precomputed (the tower's
+        wrapper, VisionGridInputs.install, and get_image_features' split sizes read it without a host sync),
+        else on the device, as transformers computes from it there."""
+        return image_grid_thw if self.precompute_vision_inputs else image_grid_thw.to(device)
+
     @property
     def act_embedding(self) -> ActTokenEmbedding:
         return self.model.get_input_embeddings()
@@ -599,10 +605,7 @@ class VLBackbone(nn.Module):
         the tower does not run and `pixel_values` is not read (see `install_cached_vision`)."""
         if position_ids is None and self.vectorized_positions:
             position_ids = mrope_position_ids(mm_token_type_ids, attention_mask, self.merged_grid, self.merged_grid)
-        if not self.precompute_vision_inputs:
-            image_grid_thw = image_grid_thw.to(input_ids.device)
-        # else the grid stays on the CPU: the tower's wrapper (VisionGridInputs.install) and get_image_features'
-        # split sizes read it without a host sync
+        image_grid_thw = self.grid_for_model(image_grid_thw, input_ids.device)
         if vision_features is not None:
             if not hasattr(self.model.visual, "_wmvla_pending_features"):
                 raise WmvlaError(f"cached vision features are supported for Qwen3-VL only; this backbone is "

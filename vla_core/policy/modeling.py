@@ -36,7 +36,7 @@ from vla_core.policy.backbone import VLBackbone
 from vla_core.policy.config import PolicyConfig
 from vla_core.policy.heads import FlowHead, MSEHead, masked_mse
 from vla_core.policy.memory import GatedMemoryAttention, ShuffleBank, random_like_memory
-from vla_core.policy.processing import PolicyProcessor, move_to_device, pixel_values_from_images
+from vla_core.policy.processing import PolicyProcessor, image_grid_thw, move_to_device, pixel_values_from_images
 from vla_core.utils import WmvlaError
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class VLAPolicy(nn.Module):
             side = self.cfg.image_size // bb.patch_size
             pixel_values = torch.zeros(0, 3 * bb.temporal_patch_size * bb.patch_size**2, device=cached.device)
             n_images = cached.shape[0] * cached.shape[1]
-            grid = torch.tensor([1, side, side], dtype=torch.long).expand(n_images, 3).contiguous()
+            grid = image_grid_thw(n_images, side, side)
             cached = cached.flatten(0, 1)
         else:
             images = inputs["images"]  # uint8 [B, n_cams, 3, S, S]
@@ -415,7 +415,8 @@ class VLAPolicy(nn.Module):
 
         defer_checks: no host sync inside the step (the GPU would drain and then wait for Python): the memory's
         finiteness is returned as `memory_finite` instead of checked, and the caller calls
-        `raise_if_not_finite(out)` before it uses the step (the trainer: after backward, before the update).
+        `train.checks.check_step_finite(out, step)` before it uses the step (the trainer: after backward, before
+        the update).
 
         loss_weights: (a, w) -> loss = a * action_loss + w * world_loss_weight * world_loss (the reported
         action_loss / world_loss stay unweighted); the training loop passes count / mean count (see

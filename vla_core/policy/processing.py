@@ -81,10 +81,14 @@ def pixel_values_from_images(images: torch.Tensor, mean: Sequence[float], std: S
     x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [n, gh/m, gw/m, m_h, m_w, c, p_h, p_w]
     x = x.unsqueeze(6).expand(*x.shape[:6], temporal_patch_size, p, p)  # [..., c, tp, p, p]
     pixel_values = x.reshape(n * gh * gw, c * temporal_patch_size * p * p)
-    # on the CPU whatever the images' device: shape metadata, read by Python (VLBackbone.forward moves it
-    # to the device only where transformers needs it there)
-    grid = torch.tensor([1, gh, gw], dtype=torch.long).expand(n, 3).contiguous()
-    return pixel_values, grid
+    return pixel_values, image_grid_thw(n, gh, gw)
+
+
+def image_grid_thw(n: int, gh: int, gw: int) -> torch.Tensor:
+    """[n, 3] rows (1, gh, gw) in patches: n still images of one size. On the CPU whatever the images' device:
+    shape metadata, read by Python (`VLBackbone.grid_for_model` moves it to the device only where transformers
+    needs it there)."""
+    return torch.tensor([1, gh, gw], dtype=torch.long).expand(n, 3).contiguous()
 
 
 def _normalize_fns():

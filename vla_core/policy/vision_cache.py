@@ -228,8 +228,7 @@ def tower_features(backbone, images: torch.Tensor, autocast: bool) -> torch.Tens
     device = next(bb.vision_tower.parameters()).device
     pixel_values, grid = pixel_values_from_images(images.to(device), bb.image_mean, bb.image_std, bb.patch_size,
                                                   bb.merge_size, bb.temporal_patch_size)
-    if not bb.precompute_vision_inputs:
-        grid = grid.to(device)
+    grid = bb.grid_for_model(grid, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), ctx:
         out = bb.model.get_image_features(pixel_values, grid)
