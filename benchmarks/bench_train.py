@@ -292,14 +292,15 @@ def model_flops(policy, batch: int, seq: int, finetune: str, vision_cached: bool
 
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
                world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
-               trace_path: str = "", compile_mode: str | None = None, cached_vision: bool = False) -> dict:
+               trace_path: str = "", compile_mode: str | None = None, compile_options: dict | None = None,
+               cached_vision: bool = False) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
     backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
     from vla_core.train.checks import check_step_finite
 
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
     if compile_:
-        policy.compile_blocks(mode=compile_mode)
+        policy.compile_blocks(mode=compile_mode, options=compile_options)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     if cached_vision:  # what the vision-feature cache holds for these images, in its storage dtype
         from vla_core.policy.vision_cache import tower_features
@@ -311,7 +312,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
-    cuda_graphs = bool(compile_mode) and "reduce-overhead" in compile_mode
+    cuda_graphs = (bool(compile_mode) and "reduce-overhead" in compile_mode) or bool(
+        (compile_options or {}).get("triton.cudagraphs"))
 
     def step():
         if cuda_graphs:  # a new training step: earlier graph outputs may be overwritten
@@ -589,8 +591,11 @@ def host_profile(step, trace_path: str = "") -> dict:
     if trace_path:
         prof.export_chrome_trace(trace_path)
     events = prof.events()
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    # record_function ranges also appear on the GPU's timeline (user annotations): not kernels
+    annotations = {e.name for e in events if e.device_type.name == "CPU" and e.name in ("forward", "backward", "optimizer")}
+    kernel_events = [e for e in events if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+                     and e.name not in annotations and not e.name.startswith("Optimizer.")]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in kernel_events)
     merged: list[list[float]] = []
     for a, b in kernels:
         if merged and a <= merged[-1][1]:
@@ -621,7 +626,16 @@ def host_profile(step, trace_path: str = "") -> dict:
     cpu_ops = sorted((evt for evt in prof.key_averages() if evt.self_cpu_time_total > 0),
                      key=lambda evt: -evt.self_cpu_time_total)[:25]
     busy_total = sum(b - a for a, b in merged)
+    # the GPU's own work by kernel name (what is left once the host overhead is gone)
+    by_kernel: dict[str, list] = {}
+    for e in kernel_events:
+            d = by_kernel.setdefault(e.name[:90], [0, 0.0])
+            d[0] += 1
+            d[1] += (e.time_range.end - e.time_range.start) / 1e3
+    top_kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:30]
     return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_busy_ms": round(busy_total / 1e3, 1),
+            "kernel_launches": sum(v[0] for v in by_kernel.values()),
+            "top_kernels": [{"kernel": k, "count": v[0], "ms": round(v[1], 2)} for k, v in top_kernels],
             "phases": phases, "sync_calls": sum(d["count"] for d in syncs.values()),
             "syncs": [{"where": k, "count": v["count"], "ms": round(v["ms"], 2)} for k, v in top_syncs],
             "top_cpu_ops": [{"op": evt.key, "count": evt.count, "self_cpu_ms": round(evt.self_cpu_time_total / 1e3, 2)}
@@ -649,6 +663,21 @@ def matmul_tflops(device) -> float | None:
 # -------------------------------------------------------------------------------------------- main
 
 
+def compile_variant(row: str, default_mode: str | None) -> tuple[str | None, dict | None]:
+    """torch.compile's (mode, options) for a row: `ours_compiled[reduce-overhead]` -> a mode,
+    `ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false]` -> inductor options, else --compile-mode."""
+    if not (row.startswith("ours_compiled[") and row.endswith("]")):
+        return default_mode, None
+    variant = row[len("ours_compiled["):-1]
+    if not variant.startswith("opt:"):
+        return variant, None
+    options = {}
+    for item in variant[4:].split(","):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)  # true / false / numbers / "strings"
+    return None, options
+
+
 ROWS = ("hf_bf16", "hf_autocast", "ours_ref", "ours", "ours_compiled", "ours_cached_vision")
 
 
@@ -669,6 +698,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="full fine-tune: hf_bf16 and ours_compiled built once, timed in ROUNDS alternating rounds")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the ours_compiled row "
                     "(default: inductor's default; reduce-overhead = CUDA graphs per block)")
+    ap.add_argument("--compile-variants", nargs="*", default=[], metavar="VARIANT",
+                    help="more ours_compiled rows, each compiled another way: a torch.compile mode "
+                         "(reduce-overhead, max-autotune-no-cudagraphs) or inductor options as opt:KEY=VALUE[,...] "
+                         "(e.g. opt:cpp_wrapper=true); rows named ours_compiled[VARIANT]")
     ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
     ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
     ap.add_argument("--cap-gb", type=float, default=48.0)
@@ -689,6 +722,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [r for r in args.rows if r != "none" and r not in args.skip]
     if args.compile and "ours_compiled" not in rows:
         rows.append("ours_compiled")
+    rows += [f"ours_compiled[{v}]" for v in args.compile_variants]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -726,12 +760,15 @@ def main(argv: list[str] | None = None) -> dict:
             _free(device)
             try:
                 if name.startswith("ours"):
+                    mode, options = compile_variant(name, args.compile_mode)
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
                                    batched=name != "ours_ref",
-                                   compile_=name == "ours_compiled" or (name == "ours_cached_vision" and args.compile),
+                                   compile_=name.startswith("ours_compiled") or (name == "ours_cached_vision"
+                                                                                 and args.compile),
                                    profile=args.profile,
-                                   trace_path=f"{args.trace_dir}/{finetune}_{name}.json" if args.trace_dir else "",
-                                   compile_mode=args.compile_mode, cached_vision=name == "ours_cached_vision")
+                                   trace_path=f"{args.trace_dir}/{finetune}_{name}.json.gz" if args.trace_dir else "",
+                                   compile_mode=mode, compile_options=options,
+                                   cached_vision=name == "ours_cached_vision")
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
                                  "peak_gb": r["peak_gb"], "first_step_s": r["first_step_s"],
@@ -754,11 +791,11 @@ def main(argv: list[str] | None = None) -> dict:
             except torch.cuda.OutOfMemoryError as e:  # report, do not hide
                 row[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             except Exception as e:  # noqa: BLE001 - e.g. a compile failure: a result, the other rows still run
-                if not (name == "ours_compiled"):
+                if not name.startswith("ours_compiled"):
                     raise
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"[{finetune}] {name}: {row[name]}", file=sys.stderr, flush=True)
-        for mine in ("ours", "ours_compiled", "ours_cached_vision"):
+        for mine in [r for r in row if r.startswith("ours")]:
             ours = row.get(mine, {}).get("samples_per_s")
             for base in ("hf_bf16", "hf_autocast", "ours_ref", "ours"):
                 other = row.get(base, {}).get("samples_per_s")

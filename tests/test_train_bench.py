@@ -6,11 +6,16 @@ import importlib.util
 from pathlib import Path
 
 
-def test_bench_train_tiny_runs():
+def _load_bench():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
     spec = importlib.util.spec_from_file_location("bench_train", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_train_tiny_runs():
+    bench = _load_bench()
     result = bench.main(["--tiny", "--iters", "1", "--warmup", "1"])
     assert result["shapes"] == "tiny" and result["seq_len_hf"] > 0 and result["seq_len_ours"] > 0
     for finetune in ("full", "frozen_vision"):
@@ -23,13 +28,21 @@ def test_bench_train_tiny_runs():
 
 
 def test_bench_train_tiny_cached_vision_row_and_check():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     result = bench.main(["--tiny", "--iters", "1", "--warmup", "1", "--finetune", "frozen_vision",
                          "--rows", "ours_cached_vision", "--check"])
     row = result["results"]["frozen_vision"]["ours_cached_vision"]
     assert row["samples_per_s"] > 0 and row["model_flop_per_step"] > 0
     same = result["same_numbers_cached_vision"]["cached_vision"]  # fp32 on the CPU: the live numbers
     assert same["loss_rel_diff"] < 1e-6 and same["grad_rel_l2_all"] < 1e-5
+
+
+def test_compile_variant_rows_name_a_mode_or_inductor_options():
+    """--compile-variants: each extra row is compiled as its name says (a mode, or inductor options parsed as
+    JSON values); the plain ours_compiled row keeps --compile-mode."""
+    bench = _load_bench()
+    assert bench.compile_variant("ours_compiled", None) == (None, None)
+    assert bench.compile_variant("ours_compiled", "max-autotune") == ("max-autotune", None)
+    assert bench.compile_variant("ours_compiled[reduce-overhead]", None) == ("reduce-overhead", None)
+    assert bench.compile_variant("ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false,x=3]", None) == (
+        None, {"cpp_wrapper": True, "triton.cudagraphs": False, "x": 3})

@@ -105,12 +105,12 @@ class VLAPolicy(nn.Module):
             self.enable_gradient_checkpointing()
         self.check_precision()
 
-    def compile_blocks(self, mode: str | None = None) -> int:
+    def compile_blocks(self, mode: str | None = None, options: dict | None = None) -> int:
         """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
         checkpoints unchanged; all layers of a kind share one compiled graph), and on a GPU the policy's own
         modules around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
         elementwise work between the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the
-        number of modules compiled."""
+        number of modules compiled. `mode` / `options`: torch.compile's (one or the other)."""
         import torch._dynamo
 
         # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
@@ -123,7 +123,7 @@ class VLAPolicy(nn.Module):
             blocks += [m for m in (self.state_proj, self.prophet, self.memory) if m is not None]
             blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
         for block in blocks:
-            block.compile(mode=mode)
+            block.compile(mode=mode, options=options)
         return len(blocks)
 
     def enable_gradient_checkpointing(self) -> None:
