@@ -112,8 +112,20 @@ def test_partial_cache_with_other_settings_is_not_resumed(ds, enc, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         precompute_latents(ds, enc, out, checkpoint_every_s=0, _interrupt_after_episodes=1, **QUIET)
     enc1 = build_world_encoder(dataclasses.replace(enc.spec, window=1, revision=None), device="cpu")
-    with pytest.raises(WmvlaError, match="partial precompute with different settings.*\n.*window"):
+    with pytest.raises(WmvlaError, match="partial build of latents with different settings.*\n.*window"):
         precompute_latents(ds, enc1, out, **QUIET)
+
+
+def test_partial_array_of_another_shape_is_not_resumed(ds, enc, tmp_path):
+    """A partial build whose array was replaced (another shape or dtype) is refused before any row is written:
+    the shared start of every resumable cache build (world latents and vision features)."""
+    out = tmp_path / "s.fp16.npy"
+    with pytest.raises(KeyboardInterrupt):
+        precompute_latents(ds, enc, out, checkpoint_every_s=0, _interrupt_after_episodes=1, **QUIET)
+    np.save(out, np.zeros((3, 5), dtype=np.float32))
+    with pytest.raises(WmvlaError, match=r"partial array is float32 \(3, 5\), expected float16 .*Fix: --overwrite"):
+        precompute_latents(ds, enc, out, **QUIET)
+    assert progress_path(out).exists() and not meta_path(out).exists()  # nothing lost: still resumable state
 
 
 def test_open_refuses_spec_mismatches(ds, reference):

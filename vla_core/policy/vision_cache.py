@@ -53,6 +53,7 @@ from vla_core.world.cache import (
     _write_progress,
     dataset_name,
     meta_path,
+    open_resumable_build,
     progress_path,
     read_complete_meta,
 )
@@ -257,34 +258,11 @@ def precompute_vision_features(ds, backbone, cfg: PolicyConfig, out: str | Path,
     identity = {"spec": spec.to_dict(), "dataset": _fingerprint(ds), "num_rows": n}
     storage = _STORAGE[spec.dtype]
 
-    def differs(recorded: dict) -> list[str]:
-        return (config_diff(identity["spec"], recorded.get("spec") or {}, "spec.")
-                + (["num_rows"] if recorded.get("num_rows") != n else [])
-                + [f"dataset.{d}" for d in _dataset_diff(identity["dataset"], recorded.get("dataset"))])
-
-    if meta_p.exists() and not overwrite:
-        diff = differs(json.loads(meta_p.read_text()))
-        if not diff:
-            log(f"vision-cache: {npy} is already complete for this spec and dataset; nothing to do")
-            return VisionFeatureCache.open(npy, expect=spec, dataset=ds)
-        raise WmvlaError(f"{npy} already holds features built with other settings:\n  - " + "\n  - ".join(diff)
-                         + "\nFix: --vision-cache PATH for a separate file, or --overwrite to replace it.")
-    episodes_done = 0
-    if prog_p.exists() and npy.exists() and not overwrite:
-        prog = json.loads(prog_p.read_text())
-        diff = differs(prog)
-        if diff:
-            raise WmvlaError(f"{npy} is a partial build with other settings:\n  - " + "\n  - ".join(diff)
-                             + "\nFix: rerun with the original settings to resume, or --overwrite.")
-        episodes_done = int(prog["episodes_done"])
-        mm = np.load(npy, mmap_mode="r+")
-        log(f"vision-cache: resuming {npy} at episode {episodes_done}/{len(ranges)}")
-    else:
-        for p in (meta_p, prog_p):
-            p.unlink(missing_ok=True)
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(npy, mode="w+", dtype=storage, shape=(n, *spec.entry_shape))
-        _write_progress(prog_p, identity, 0, len(ranges))
+    mm, episodes_done = open_resumable_build(
+        npy, to_jsonable(identity), storage, (n, *spec.entry_shape), len(ranges), overwrite=overwrite,
+        what="vision features", fix_other="--vision-cache PATH for a separate file", fill_nan=False, log=log)
+    if mm is None:
+        return VisionFeatureCache.open(npy, expect=spec, dataset=ds)
 
     t0, last_ckpt = time.time(), time.time()
     autocast = compute_dtype(cfg) == "bfloat16"

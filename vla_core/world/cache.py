@@ -294,6 +294,46 @@ class _Interrupted(KeyboardInterrupt):
     """Raised by the test hook that simulates a kill right after a progress checkpoint."""
 
 
+def open_resumable_build(npy: Path, identity: dict, dtype, shape: tuple, num_episodes: int, *, overwrite: bool,
+                         what: str, fix_other: str, fill_nan: bool, log=print) -> tuple[np.ndarray | None, int]:
+    """The start of a resumable cache build at `npy`, shared by every cache of this layout (world latents here,
+    the vision-feature cache in vla_core/policy/vision_cache.py). Returns (None, 0) when a finished cache with
+    this `identity` ({spec, dataset, num_rows, ...}) is already there: nothing to do. Resumes a partial build
+    with the same identity (its array, opened r+, and the episodes done); refuses a finished or partial cache of
+    another identity, naming each differing field, unless `overwrite`; else starts a fresh array (NaN-filled
+    with `fill_nan`, so a bug that skips rows cannot pass a finiteness check) and its progress file."""
+    meta_p, prog_p = meta_path(npy), progress_path(npy)
+    if meta_p.exists() and not overwrite:
+        diff = _identity_diff(identity, json.loads(meta_p.read_text()))
+        if not diff:
+            log(f"{what}: {npy} is already complete for this spec and dataset; nothing to do")
+            return None, 0
+        raise WmvlaError(f"{npy} already holds {what} made with different settings:\n  - " + "\n  - ".join(diff)
+                         + f"\nFix: pass {fix_other}, or --overwrite to replace it.")
+    if prog_p.exists() and npy.exists() and not overwrite:
+        diff = _identity_diff(identity, json.loads(prog_p.read_text()))
+        if diff:
+            raise WmvlaError(f"{npy} is a partial build of {what} with different settings:\n  - " + "\n  - ".join(diff)
+                             + f"\nFix: rerun with the original settings to resume, {fix_other}, or --overwrite.")
+        episodes_done = int(json.loads(prog_p.read_text())["episodes_done"])
+        mm = np.load(npy, mmap_mode="r+")
+        if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
+            raise WmvlaError(f"{npy}: the partial array is {mm.dtype} {mm.shape}, expected {np.dtype(dtype).name} "
+                             f"{tuple(shape)}. Fix: --overwrite.")
+        log(f"{what}: resuming {npy} at episode {episodes_done}/{num_episodes}")
+        return mm, episodes_done
+    for p in (meta_p, prog_p):
+        p.unlink(missing_ok=True)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    mm = np.lib.format.open_memmap(npy, mode="w+", dtype=dtype, shape=tuple(shape))
+    if fill_nan:
+        for a in range(0, shape[0], 65536):
+            mm[a : a + 65536] = np.nan
+        mm.flush()
+    _write_progress(prog_p, identity, 0, num_episodes)
+    return mm, 0
+
+
 def precompute_latents(
     ds,
     encoder: WorldEncoder,
@@ -330,40 +370,11 @@ def precompute_latents(
     n, d = int(ds.num_frames), int(spec.dim)
     identity = {"spec": spec.to_dict(), "dataset": fingerprint, "num_rows": n, "dim": d}
 
-    if meta_p.exists() and not overwrite:
-        meta = json.loads(meta_p.read_text())
-        diff = _identity_diff(to_jsonable(identity), meta)
-        if not diff:
-            log(f"latents: {npy} is already complete for this spec and dataset; nothing to do")
-            return LatentCache.open(npy, expect=spec, dataset=ds)
-        raise WmvlaError(
-            f"{npy} already holds latents made with different settings:\n  - " + "\n  - ".join(diff)
-            + "\nFix: pass --out DIR for a separate cache, or --overwrite to replace it."
-        )
-
-    episodes_done = 0
-    if prog_p.exists() and not overwrite and npy.exists():
-        prog = json.loads(prog_p.read_text())
-        diff = _identity_diff(to_jsonable(identity), prog)
-        if diff:
-            raise WmvlaError(
-                f"{npy} is a partial precompute with different settings:\n  - " + "\n  - ".join(diff)
-                + "\nFix: rerun with the original settings to resume, --out DIR for a separate cache, or --overwrite."
-            )
-        episodes_done = int(prog["episodes_done"])
-        mm = np.load(npy, mmap_mode="r+")
-        if mm.shape != (n, d) or mm.dtype != np.float16:
-            raise WmvlaError(f"{npy}: partial array is {mm.dtype} {mm.shape}, expected float16 {(n, d)}; use --overwrite.")
-        log(f"latents: resuming {npy} at episode {episodes_done}/{len(ranges)} (row {ranges[episodes_done][0] if episodes_done < len(ranges) else n})")
-    else:
-        for p in (meta_p, prog_p):
-            p.unlink(missing_ok=True)
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(n, d))
-        for a in range(0, n, 65536):  # unwritten rows stay NaN, so a bug that skips rows cannot pass the check
-            mm[a : a + 65536] = np.nan
-        mm.flush()
-        _write_progress(prog_p, identity, 0, len(ranges))
+    mm, episodes_done = open_resumable_build(
+        npy, to_jsonable(identity), np.float16, (n, d), len(ranges), overwrite=overwrite, what="latents",
+        fix_other="--out DIR for a separate cache", fill_nan=True, log=log)
+    if mm is None:
+        return LatentCache.open(npy, expect=spec, dataset=ds)
 
     t0 = time.time()
     rows_start = ranges[episodes_done][0] if episodes_done < len(ranges) else n
