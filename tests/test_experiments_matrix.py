@@ -5,6 +5,7 @@ losing part of its episodes. Also the checkpoint BatchPolicy's world state again
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -150,3 +151,8 @@ def test_matrix_overrides_reach_every_cell():
     assert (cell.dataset, cell.optim.steps, cell.experiment, cell.policy.head, cell.seed) == ("/data/libero", 7, "E2", "flow", 3)
     untouched = cell_config(base_train_config(MatrixConfig(preset="libero-2b")), "E0", "mse", 0)
     assert untouched.policy.backbone == "Qwen/Qwen3-VL-2B-Instruct" and untouched.world.window == 4
+    assert untouched.vision_cache == ""
+    cached = cell_config(base_train_config(dataclasses.replace(cfg, vision_cache="/cache/feats.npy")), "E0", "mse", 0)
+    assert cached.vision_cache == "/cache/feats.npy"
+    with pytest.raises(WmvlaError, match="frozen vision tower"):  # the default cell trains its tower
+        base_train_config(MatrixConfig(preset="libero-2b", vision_cache="/cache/feats.npy"))

@@ -13,7 +13,8 @@ the shards. What this proves and what only a GPU run can show: docs/training.md 
 - a run stopped after step 2 and started again (the optimizer / EMA / RNG state round trip through the
   gathered checkpoint and back into the shards) continues bit for bit;
 - LoRA with bf16 frozen weights (trainable fp32 and frozen bf16 parameters in one FSDP unit) and the
-  frozen vision tower (torchrun): the trainable set moves, nothing frozen does, the checkpoint loads.
+  frozen vision tower (torchrun): the trainable set moves, nothing frozen does, the checkpoint loads; the
+  frozen-tower run reading the vision-feature cache (`--vision-cache`) has the live run's loss curve.
 """
 
 from __future__ import annotations
@@ -192,3 +193,23 @@ def test_fsdp_with_frozen_parameters_trains_and_loads(data, tmp_path, mode):
     h = np.zeros((p2.cfg.world_history, p2.cfg.world_dim), dtype=np.float32)
     a1, a2 = (p.predict_action(obs, world_history=np.stack([h, h])) for p in (p1, p2))
     np.testing.assert_allclose(a2, a1, atol=0.05 if mode == "lora" else 1e-3)  # bf16 autocast: batch-dependent rounding
+    if mode == "frozen_vision":  # the same FSDP run reading the vision-feature cache: the same curve
+        _fsdp_with_the_vision_cache_equals_the_live_tower(data, tmp_path, run)
+
+
+def _fsdp_with_the_vision_cache_equals_the_live_tower(data, tmp_path, live_run: Path):
+    """`--vision-cache` under FSDP2 (the tower is frozen and wrapped with the trained parts; its outputs come
+    from the cache on both ranks): the loss curve of the live-tower run of the same flags."""
+    from vla_core.cli import main
+
+    assert main(["vision-cache", "--preset", "tiny", "--dataset", data["dataset"], "--policy.finetune",
+                 "frozen_vision", "--cache-root", str(tmp_path / "vcache")]) == 0
+    path = next((tmp_path / "vcache").rglob("*.npy"))
+    res = _launch_torchrun(data, tmp_path / "cached", COMMON + ["--optim.batch-size", "2", "--policy.finetune",
+                                                                "frozen_vision", "--optim.steps", "3",
+                                                                "--vision-cache", str(path)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "FSDP2 over 2 processes" in res.stdout and "vision tower outputs read from" in res.stdout
+    got, want = _losses(tmp_path / "cached" / RUN), _losses(live_run)
+    assert [r[0] for r in got] == [r[0] for r in want] and len(got) == 3
+    np.testing.assert_allclose([r[1] for r in got], [r[1] for r in want], rtol=1e-4)

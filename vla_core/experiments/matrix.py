@@ -42,6 +42,9 @@ class MatrixConfig:
     """dataset folder / hub id ("" = the preset's)"""
     latents: str = ""
     """latent cache ("" = the preset's / the default cache path)"""
+    vision_cache: str = ""
+    """vision-feature cache read by every cell's training (`wmvla vision-cache` with the cells' flags; a frozen
+    tower only: --finetune frozen_vision / lora / heads_only); "" = the tower runs live"""
 
     # ---- which cells
     experiments: tuple[str, ...] = EXPERIMENTS
@@ -123,6 +126,8 @@ def base_train_config(cfg: MatrixConfig) -> TrainConfig:
         changes["dataset"] = cfg.dataset
     if cfg.latents:
         changes["latents"] = cfg.latents
+    if cfg.vision_cache:
+        changes["vision_cache"] = cfg.vision_cache
     if cfg.num_workers is not None:
         changes["num_workers"] = cfg.num_workers
     if cfg.device is not None:
