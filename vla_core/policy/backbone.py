@@ -473,10 +473,13 @@ def install_cached_vision(visual: nn.Module) -> None:
 
 
 def _vision_output(visual: nn.Module, merged: torch.Tensor, deepstack: list[torch.Tensor]):
-    """The tower's output in this transformers version's own type (a dataclass in 5.x, a tuple before)."""
+    """The tower's output in this transformers version's own type (a dataclass in 5.x, a tuple before). Looked up
+    along the class hierarchy: FSDP2's `fully_shard` swaps the module's class for a subclass defined elsewhere."""
     import sys
 
-    cls = getattr(sys.modules[type(visual).__module__], "BaseModelOutputWithDeepstackFeatures", None)
+    modules = (sys.modules.get(c.__module__) for c in type(visual).__mro__)
+    cls = next((m.BaseModelOutputWithDeepstackFeatures for m in modules
+                if m is not None and hasattr(m, "BaseModelOutputWithDeepstackFeatures")), None)
     if cls is None:
         return merged, deepstack
     return cls(last_hidden_state=None, pooler_output=merged, deepstack_features=deepstack)
