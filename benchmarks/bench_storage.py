@@ -20,8 +20,14 @@ and raw boto3 go through it), where round trips, not CPU, bound the transfer.
     python benchmarks/bench_storage.py                        # ~1-2 min on 2 CPU cores
     python benchmarks/bench_storage.py --rounds 10 --latency-ms 15
 
-Prints one JSON line per round and one JSON object per setting: medians and quartiles of the per-round ratios
-(raw time / our time: > 1 = ours faster) and medians of the throughputs.
+Before the rounds the bucket gets volumes for all the bytes they write (SeaweedFS.grow_volumes): the write that
+fills a volume waits while the server grows the next, and with the same bytes every round that stall would land
+on the same step every other round (it did: our push behind the proxy, right after raw's). The output's
+`volumes_grown_during_rounds` says whether one grew while measuring anyway.
+
+Prints one JSON line per round (per step: wall seconds, our process's CPU seconds, of which in the kernel, and
+the server's CPU seconds meanwhile) and one JSON object per setting: medians and quartiles of the per-round
+ratios (raw time / our time: > 1 = ours faster), medians of the throughputs and of the CPU seconds per step.
 """
 
 from __future__ import annotations
