@@ -20,8 +20,14 @@ and raw boto3 go through it), where round trips, not CPU, bound the transfer.
     python benchmarks/bench_storage.py                        # ~1-2 min on 2 CPU cores
     python benchmarks/bench_storage.py --rounds 10 --latency-ms 15
 
-Prints one JSON line per round and one JSON object per setting: medians and quartiles of the per-round ratios
-(raw time / our time: > 1 = ours faster) and medians of the throughputs.
+Before the rounds the bucket gets volumes for all the bytes they write (SeaweedFS.grow_volumes): the write that
+fills a volume waits while the server grows the next, and with the same bytes every round that stall would land
+on the same step every other round (it did: our push behind the proxy, right after raw's). The output's
+`volumes_grown_during_rounds` says whether one grew while measuring anyway.
+
+Prints one JSON line per round (per step: wall seconds, our process's CPU seconds, of which in the kernel, and
+the server's CPU seconds meanwhile) and one JSON object per setting: medians and quartiles of the per-round
+ratios (raw time / our time: > 1 = ours faster), medians of the throughputs and of the CPU seconds per step.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,11 +46,21 @@ import uuid
 from pathlib import Path
 
 
-def _timed(fn) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds: the client's own cost, the server runs elsewhere)"""
-    t, c = time.perf_counter(), time.process_time()
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (the server's, here)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(fn, server_pid: int) -> tuple[float, float, float, float]:
+    """(wall seconds, this process's CPU seconds: the client's own cost, of which in the kernel, the server's CPU
+    seconds meanwhile): where a step's time went on 2 shared cores"""
+    r0, s0 = resource.getrusage(resource.RUSAGE_SELF), _proc_cpu(server_pid)
+    t = time.perf_counter()
     fn()
-    return time.perf_counter() - t, time.process_time() - c
+    wall = time.perf_counter() - t
+    r1, s1 = resource.getrusage(resource.RUSAGE_SELF), _proc_cpu(server_pid)
+    return (wall, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, r1.ru_stime - r0.ru_stime, s1 - s0)
 
 
 def _client(endpoint: str, server):
@@ -57,7 +74,7 @@ def _client(endpoint: str, server):
 
 
 def _one_round(r: int, setting: str, bucket: str, raw, tmp: Path, big_dir: Path, big: Path, small_dir: Path,
-               small_files: list[Path]) -> dict:
+               small_files: list[Path], server_pid: int) -> dict:
     import shutil
 
     from vla_core.storage import publish_run, pull_run, sync_up
@@ -78,14 +95,15 @@ def _one_round(r: int, setting: str, bucket: str, raw, tmp: Path, big_dir: Path,
     row = {}
     for name, ours, base in pairs:
         if r % 2:
-            t_base, t_ours = _timed(base), _timed(ours)
+            t_base, t_ours = _timed(base, server_pid), _timed(ours, server_pid)
         else:
-            t_ours, t_base = _timed(ours), _timed(base)
+            t_ours, t_base = _timed(ours, server_pid), _timed(base, server_pid)
         row[name] = (t_ours, t_base)
     (tmp / f"raw-{tag}.bin").unlink()
     shutil.rmtree(tmp / f"pull-{tag}")
     print(json.dumps({"round": r, "setting": setting,
-                      **{k: {"ours_wall_cpu": [round(x, 3) for x in a], "raw_wall_cpu": [round(x, 3) for x in b]}
+                      **{k: {"ours_wall_cpu_sys_server": [round(x, 3) for x in a],
+                             "raw_wall_cpu_sys_server": [round(x, 3) for x in b]}
                          for k, (a, b) in row.items()}}), flush=True)
     return row
 
@@ -104,6 +122,9 @@ def _summary(rows: list[dict], mb: float, n_small: int) -> dict:
     def cpu_ratio(name):  # our client CPU / raw client CPU, summed over rounds
         return round(sum(r[name][0][1] for r in rows) / max(1e-9, sum(r[name][1][1] for r in rows)), 3)
 
+    def cpu_s(name, side, i):  # median seconds of CPU per step: 1 client, 2 of it in the kernel, 3 server
+        return med([r[name][side][i] for r in rows])
+
     return {
         "push_mb_s": {"ours": med([mb / r["up"][0][0] for r in rows]), "raw_boto3": med([mb / r["up"][1][0] for r in rows])},
         "pull_mb_s": {"ours": med([mb / r["down"][0][0] for r in rows]),
@@ -114,6 +135,8 @@ def _summary(rows: list[dict], mb: float, n_small: int) -> dict:
                               "raw_one_at_a_time": med([n_small / r["small"][1][0] for r in rows])},
         "small_speedup": med(ratios("small")), "small_speedup_quartiles": quartiles(ratios("small")),
         "client_cpu_ours_over_raw": {k: cpu_ratio(k) for k in ("up", "down", "small")},
+        "cpu_s_client_kernel_server": {k: {"ours": [cpu_s(k, 0, i) for i in (1, 2, 3)],
+                                           "raw": [cpu_s(k, 1, i) for i in (1, 2, 3)]} for k in ("up", "down", "small")},
     }
 
 
@@ -157,12 +180,19 @@ def main() -> None:
         small_files = sorted(p for p in small_dir.rglob("*") if p.is_file())
         # warm-up: the first writes to a new bucket allocate its volumes
         publish_run(small_dir, f"s3://{bucket}/warmup")
+        # The bucket starts with one volume (1 GiB here); the write that fills one waits ~0.6-0.8 s while the
+        # server grows the next. Every round writes the same bytes, so that stall would land on the same step
+        # of every other round (measured: always our push behind the proxy after raw's). Volumes for all the
+        # rounds' bytes are grown now, outside the timing; the output says whether any grew during the rounds.
+        written = args.rounds * len(settings) * 2 * (big.stat().st_size + sum(p.stat().st_size for p in small_files))
+        volumes_before = server.grow_volumes(bucket, min(64, 2 + -(-written // 2**30)))
 
         rows: dict[str, list] = {k: [] for k in settings}
         for r in range(args.rounds):
             for name, (endpoint, raw) in settings.items():  # interleaved: load changes hit both settings alike
                 os.environ[env_names.AWS_ENDPOINT_URL] = endpoint
-                rows[name].append(_one_round(r, name, bucket, raw, tmp, big_dir, big, small_dir, small_files))
+                rows[name].append(_one_round(r, name, bucket, raw, tmp, big_dir, big, small_dir, small_files,
+                                             server.proc.pid))
         os.environ[env_names.AWS_ENDPOINT_URL] = server.endpoint
         if proxy:
             proxy.stdin.close()
@@ -172,7 +202,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpus": os.cpu_count(),
             "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
             "big_mb": round(big.stat().st_size / 1e6, 1), "small_files": len(small_files), "small_kb": args.small_kb,
-            "rounds": args.rounds,
+            "rounds": args.rounds, "volumes_grown_during_rounds": server.volumes(bucket) - volumes_before,
             **{name: _summary(rs, big.stat().st_size / 1e6, len(small_files)) for name, rs in rows.items()},
         }
         print(json.dumps(result, indent=2))
