@@ -44,7 +44,7 @@ class MatrixConfig:
     """latent cache ("" = the preset's / the default cache path)"""
     vision_cache: str = ""
     """vision-feature cache read by every cell's training (`wmvla vision-cache` with the cells' flags; a frozen
-    tower only: --finetune frozen_vision / lora / heads_only); "" = the tower runs live"""
+    tower only: finetune frozen_vision / lora / heads_only); "" = the tower runs live"""
 
     # ---- which cells
     experiments: tuple[str, ...] = EXPERIMENTS
