@@ -293,14 +293,14 @@ def model_flops(policy, batch: int, seq: int, finetune: str, vision_cached: bool
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
                world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
                trace_path: str = "", compile_mode: str | None = None, compile_options: dict | None = None,
-               cached_vision: bool = False) -> dict:
+               compile_vision: dict | None = None, cached_vision: bool = False) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
     backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
     from vla_core.train.checks import check_step_finite
 
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
     if compile_:
-        policy.compile_blocks(mode=compile_mode, options=compile_options)
+        policy.compile_blocks(mode=compile_mode, options=compile_options, **(compile_vision or {}))
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     if cached_vision:  # what the vision-feature cache holds for these images, in its storage dtype
         from vla_core.policy.vision_cache import tower_features
@@ -313,7 +313,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
     cuda_graphs = (bool(compile_mode) and "reduce-overhead" in compile_mode) or bool(
-        (compile_options or {}).get("triton.cudagraphs"))
+        (compile_options or {}).get("triton.cudagraphs")) or "reduce-overhead" in str(
+        (compile_vision or {}).get("vision_mode"))
 
     def step():
         if cuda_graphs:  # a new training step: earlier graph outputs may be overwritten
@@ -663,19 +664,23 @@ def matmul_tflops(device) -> float | None:
 # -------------------------------------------------------------------------------------------- main
 
 
-def compile_variant(row: str, default_mode: str | None) -> tuple[str | None, dict | None]:
-    """torch.compile's (mode, options) for a row: `ours_compiled[reduce-overhead]` -> a mode,
-    `ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false]` -> inductor options, else --compile-mode."""
+def compile_variant(row: str, default_mode: str | None) -> tuple[str | None, dict | None, dict]:
+    """How a row is compiled: (torch.compile mode, inductor options, VLAPolicy.compile_blocks' vision settings).
+    `ours_compiled[reduce-overhead]` -> a mode; `ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false]` ->
+    inductor options; `ours_compiled[tower]` / `ours_compiled[tower:reduce-overhead]` -> the vision tower as one
+    compiled region (in that mode); else --compile-mode."""
     if not (row.startswith("ours_compiled[") and row.endswith("]")):
-        return default_mode, None
+        return default_mode, None, {}
     variant = row[len("ours_compiled["):-1]
+    if variant == "tower" or variant.startswith("tower:"):
+        return default_mode, None, {"vision_region": "tower", "vision_mode": variant.partition(":")[2] or None}
     if not variant.startswith("opt:"):
-        return variant, None
+        return variant, None, {}
     options = {}
     for item in variant[4:].split(","):
         key, _, value = item.partition("=")
         options[key] = json.loads(value)  # true / false / numbers / "strings"
-    return None, options
+    return None, options, {}
 
 
 ROWS = ("hf_bf16", "hf_autocast", "ours_ref", "ours", "ours_compiled", "ours_cached_vision")
@@ -701,7 +706,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile-variants", nargs="*", default=[], metavar="VARIANT",
                     help="more ours_compiled rows, each compiled another way: a torch.compile mode "
                          "(reduce-overhead, max-autotune-no-cudagraphs) or inductor options as opt:KEY=VALUE[,...] "
-                         "(e.g. opt:cpp_wrapper=true); rows named ours_compiled[VARIANT]")
+                         "(e.g. opt:cpp_wrapper=true), or tower / tower:MODE (the vision tower as one compiled "
+                         "region); rows named ours_compiled[VARIANT]")
     ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
     ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
     ap.add_argument("--cap-gb", type=float, default=48.0)
@@ -760,14 +766,14 @@ def main(argv: list[str] | None = None) -> dict:
             _free(device)
             try:
                 if name.startswith("ours"):
-                    mode, options = compile_variant(name, args.compile_mode)
+                    mode, options, vision = compile_variant(name, args.compile_mode)
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
                                    batched=name != "ours_ref",
                                    compile_=name.startswith("ours_compiled") or (name == "ours_cached_vision"
                                                                                  and args.compile),
                                    profile=args.profile,
                                    trace_path=f"{args.trace_dir}/{finetune}_{name}.json.gz" if args.trace_dir else "",
-                                   compile_mode=mode, compile_options=options,
+                                   compile_mode=mode, compile_options=options, compile_vision=vision,
                                    cached_vision=name == "ours_cached_vision")
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),

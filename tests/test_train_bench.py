@@ -41,8 +41,12 @@ def test_compile_variant_rows_name_a_mode_or_inductor_options():
     """--compile-variants: each extra row is compiled as its name says (a mode, or inductor options parsed as
     JSON values); the plain ours_compiled row keeps --compile-mode."""
     bench = _load_bench()
-    assert bench.compile_variant("ours_compiled", None) == (None, None)
-    assert bench.compile_variant("ours_compiled", "max-autotune") == ("max-autotune", None)
-    assert bench.compile_variant("ours_compiled[reduce-overhead]", None) == ("reduce-overhead", None)
+    assert bench.compile_variant("ours_compiled", None) == (None, None, {})
+    assert bench.compile_variant("ours_compiled", "max-autotune") == ("max-autotune", None, {})
+    assert bench.compile_variant("ours_compiled[reduce-overhead]", None) == ("reduce-overhead", None, {})
     assert bench.compile_variant("ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false,x=3]", None) == (
-        None, {"cpp_wrapper": True, "triton.cudagraphs": False, "x": 3})
+        None, {"cpp_wrapper": True, "triton.cudagraphs": False, "x": 3}, {})
+    assert bench.compile_variant("ours_compiled[tower]", None) == (
+        None, None, {"vision_region": "tower", "vision_mode": None})
+    assert bench.compile_variant("ours_compiled[tower:reduce-overhead]", None) == (
+        None, None, {"vision_region": "tower", "vision_mode": "reduce-overhead"})

@@ -421,6 +421,32 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     assert set(a.state_dict()) == set(b.state_dict())  # checkpoints keep their keys
 
 
+def test_vision_tower_as_one_compiled_region_gives_the_same_loss_and_gradients():
+    """compile_blocks(vision_region="tower"): the whole tower is one compiled graph (no graph break with the
+    grid inputs precomputed), its blocks are not compiled one by one, and the numbers are the eager ones."""
+    import torch._dynamo
+
+    a, b = build(finetune="full", memory="pred"), build(finetune="full", memory="pred")
+    n = a.compile_blocks(vision_region="tower")
+    assert n == a.cfg.tiny.num_layers + 1
+    assert not any(hasattr(blk, "_compiled_call_impl") and blk._compiled_call_impl is not None
+                   for blk in a.backbone.vision_tower.blocks)
+    inputs = a.prepare(random_batch(a.cfg, batch_size=2, seed=2))
+    torch._dynamo.utils.counters.clear()
+    la, lb = a(inputs)["loss"], b(inputs)["loss"]
+    assert torch._dynamo.utils.counters["graph_break"] == {}  # the tower and the layers: whole graphs
+    la.backward()
+    lb.backward()
+    assert float(la) == pytest.approx(float(lb), rel=1e-5)
+    assert_same_grads(grads(a), grads(b), rtol=1e-4)
+    c = build(finetune="full", memory="pred")
+    c.enable_gradient_checkpointing()
+    with pytest.raises(WmvlaError, match="no gradient checkpointing"):
+        c.compile_blocks(vision_region="tower")
+    with pytest.raises(WmvlaError, match="expected 'blocks' or 'tower'"):
+        c.compile_blocks(vision_region="model")
+
+
 def test_compiled_optimizer_update_equals_the_eager_one():
     # the fused (torch.compile) chunk update that AdamWLowMem uses on CUDA, checked here with inductor on the CPU
     pa, target = _quadratic()

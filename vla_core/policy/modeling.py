@@ -101,21 +101,37 @@ class VLAPolicy(nn.Module):
         self.memory_rng = torch.Generator().manual_seed(cfg.init_seed + 7)
         self._configure_finetuning()
         self._autocast_cache = True
+        self._checkpointing = False
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self.check_precision()
 
-    def compile_blocks(self, mode: str | None = None, options: dict | None = None) -> int:
+    def compile_blocks(self, mode: str | None = None, options: dict | None = None, vision_region: str = "blocks",
+                       vision_mode: str | None = None) -> int:
         """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
         checkpoints unchanged; all layers of a kind share one compiled graph), and on a GPU the policy's own
         modules around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
         elementwise work between the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the
-        number of modules compiled. `mode` / `options`: torch.compile's (one or the other)."""
+        number of modules compiled. `mode` / `options`: torch.compile's (one or the other).
+
+        `vision_region="tower"` (Qwen3-VL with its grid inputs precomputed; measured by benchmarks/bench_train.py,
+        not used by the trainer): the whole vision tower as ONE compiled region instead of one per block (its
+        shapes are fixed by `image_size`, and with the grid inputs precomputed it traces without a graph
+        break), `vision_mode` its torch.compile mode (e.g. reduce-overhead: one CUDA graph for the tower's
+        forward and one for its backward)."""
         import torch._dynamo
 
         # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        blocks = list(self.backbone.language_model.layers) + list(getattr(self.backbone.vision_tower, "blocks", []))
+        if vision_region not in ("blocks", "tower"):
+            raise WmvlaError(f"vision_region={vision_region!r}; expected 'blocks' or 'tower'")
+        visual = self.backbone.vision_tower
+        tower = vision_region == "tower"
+        if tower and (self.backbone.vision_grid_inputs is None or self._checkpointing):
+            raise WmvlaError("vision_region='tower' needs a Qwen3-VL tower with precomputed grid inputs and no "
+                             "gradient checkpointing (one region would trace through the per-block checkpoints). "
+                             "Fix: vision_region='blocks'.")
+        blocks = list(self.backbone.language_model.layers) + ([] if tower else list(getattr(visual, "blocks", [])))
         # the policy's modules: a few hundred small eager kernels between the backbone and the backward on a GPU
         # (the memory's finiteness check is deferred in training, so the memory module compiles without a
         # break); on a CPU there is no launch cost to remove, only compile time
@@ -124,7 +140,10 @@ class VLAPolicy(nn.Module):
             blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
         for block in blocks:
             block.compile(mode=mode, options=options)
-        return len(blocks)
+        if tower:  # transformers' own forward under the grid-inputs wrapper (VisionGridInputs.install)
+            visual._wmvla_hf_forward = torch.compile(visual._wmvla_hf_forward, mode=vision_mode or mode,
+                                                     options=None if (vision_mode or mode) else options)
+        return len(blocks) + int(tower)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute every decoder layer / vision block in backward (the trainer's memory plan may call this
@@ -138,6 +157,7 @@ class VLAPolicy(nn.Module):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._autocast_cache = False
+        self._checkpointing = True
 
     @classmethod
     def from_config(cls, cfg: PolicyConfig, stats: Mapping) -> "VLAPolicy":
