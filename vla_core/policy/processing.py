@@ -210,9 +210,10 @@ class PolicyProcessor:
         n_cams = len(self.cfg.camera_keys)
         # a frozen tower's cached outputs [B, n_cams, ...] (training with --vision-cache) replace the images
         cached = batch.get("vision_features")
-        if batch.get("images") is None and cached is None:
+        images = None if batch.get("images") is None else _as_tensor(batch["images"])  # converted once
+        if images is None and cached is None:
             raise WmvlaError(f"batch has no `images` (keys: {sorted(batch)}); expected uint8 [B, {n_cams}, H, W, 3]")
-        for name, x in (("images", batch.get("images")), ("vision_features", cached)):
+        for name, x in (("images", images), ("vision_features", cached)):
             if x is None:
                 continue
             if x.ndim != 5 or x.shape[1] != n_cams or (name == "images" and x.shape[-1] != 3):
@@ -221,8 +222,8 @@ class PolicyProcessor:
             if x.shape[0] != len(tasks):
                 raise WmvlaError(f"{x.shape[0]} samples of {name} but {len(tasks)} task strings")
         out = self.tokenize(tasks)
-        if batch.get("images") is not None:
-            out["images"] = resize_images(_as_tensor(batch["images"]), self.cfg.image_size)  # [B, n_cams, 3, S, S]
+        if images is not None:
+            out["images"] = resize_images(images, self.cfg.image_size)  # uint8 [B, n_cams, 3, S, S]
         if cached is not None:
             out["vision_features"] = cached
         if self.cfg.use_state:
