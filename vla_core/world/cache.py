@@ -311,11 +311,12 @@ def open_resumable_build(npy: Path, identity: dict, dtype, shape: tuple, num_epi
         raise WmvlaError(f"{npy} already holds {what} made with different settings:\n  - " + "\n  - ".join(diff)
                          + f"\nFix: pass {fix_other}, or --overwrite to replace it.")
     if prog_p.exists() and npy.exists() and not overwrite:
-        diff = _identity_diff(identity, json.loads(prog_p.read_text()))
+        prog = json.loads(prog_p.read_text())
+        diff = _identity_diff(identity, prog)
         if diff:
             raise WmvlaError(f"{npy} is a partial build of {what} with different settings:\n  - " + "\n  - ".join(diff)
                              + f"\nFix: rerun with the original settings to resume, {fix_other}, or --overwrite.")
-        episodes_done = int(json.loads(prog_p.read_text())["episodes_done"])
+        episodes_done = int(prog["episodes_done"])
         mm = np.load(npy, mmap_mode="r+")
         if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
             raise WmvlaError(f"{npy}: the partial array is {mm.dtype} {mm.shape}, expected {np.dtype(dtype).name} "
