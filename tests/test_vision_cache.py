@@ -128,6 +128,7 @@ def test_cache_rows_are_the_towers_outputs_for_every_frame_and_camera(built):
     assert meta_path(cache.path).exists() and not progress_path(cache.path).exists()
     assert cache.num_rows == ds.num_frames and cache.spec.dtype == "float32"
     assert cache.spec.camera_keys == tuple(pcfg.camera_keys) and len(pcfg.camera_keys) == 2
+    assert cache.array.nbytes == cache.num_rows * cache.spec.entry_bytes  # the size `wmvla vision-cache` announces
     from vla_core.policy.processing import resize_images
 
     rows = np.array([0, ds.episodes[2].start + 1, ds.episodes[4].start, ds.num_frames - 1])  # both sides of the resume

@@ -108,6 +108,11 @@ class VisionCacheSpec:
         """Shape of one frame's entry: [n_cams, 1 + n_deepstack, tokens_per_image, d]."""
         return (len(self.camera_keys), 1 + self.n_deepstack, self.tokens_per_image, self.hidden_size)
 
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one frame's entry on disk (all cameras)."""
+        return int(np.prod(self.entry_shape)) * np.dtype(_STORAGE[self.dtype]).itemsize
+
 
 def compute_dtype(cfg: PolicyConfig) -> str:
     return "bfloat16" if cfg.autocast_bf16 else "float32"
@@ -245,12 +250,14 @@ def tower_features(backbone, images: torch.Tensor, autocast: bool) -> torch.Tens
 
 def precompute_vision_features(ds, backbone, cfg: PolicyConfig, out: str | Path, *, batch_size: int = 32,
                                overwrite: bool = False, checkpoint_every_s: float = 60.0, log=print,
+                               spec: VisionCacheSpec | None = None,
                                _interrupt_after_episodes: int | None = None) -> VisionFeatureCache:
     """Run the frozen tower of `backbone` on every frame x camera of `ds` into the cache at `out` (resumable).
 
-    `backbone` is built from `cfg` with its tower in the run's frozen dtype (see `build_frozen_backbone`)."""
+    `backbone` is built from `cfg` with its tower in the run's frozen dtype (see `build_frozen_backbone`).
+    `spec`: `spec_for(cfg, backbone)` when the caller has it already (it hashes the tower's weights)."""
     check_vision_frozen(cfg)
-    spec = spec_for(cfg, backbone)
+    spec = spec or spec_for(cfg, backbone)
     npy = Path(out)
     meta_p, prog_p = meta_path(npy), progress_path(npy)
     ranges = _episode_ranges(ds)

@@ -64,13 +64,8 @@ def run_vision_cache(cfg: VisionCacheConfig) -> int:
     spec = spec_for(pcfg, backbone)
     out = cfg.vision_cache or str(default_cache_path(cfg.dataset, spec, cfg.cache_root))
     print(f"vision-cache: {ds.num_frames} frames x {len(pcfg.camera_keys)} cameras of {cfg.dataset} -> {out} "
-          f"({ds.num_frames * len(pcfg.camera_keys) * _entry_bytes(spec) / 1e9:.2f} GB)")
+          f"({ds.num_frames * spec.entry_bytes / 1e9:.2f} GB)")
     cache = precompute_vision_features(ds, backbone, pcfg, out, batch_size=cfg.images_per_batch,
-                                       overwrite=cfg.overwrite)
+                                       overwrite=cfg.overwrite, spec=spec)
     print(f"vision-cache: ok {cache.path}; train with the same flags plus --vision-cache {cache.path}")
     return 0
-
-
-def _entry_bytes(spec) -> int:
-    _, layers, tokens, d = spec.entry_shape
-    return layers * tokens * d * (2 if spec.dtype == "bfloat16" else 4)
