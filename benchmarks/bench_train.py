@@ -302,13 +302,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     if compile_:
         policy.compile_blocks(mode=compile_mode, options=compile_options, **(compile_vision or {}))
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
-    if cached_vision:  # what the vision-feature cache holds for these images, in its storage dtype
-        from vla_core.policy.vision_cache import tower_features
-
-        autocast = policy.cfg.autocast_bf16
-        feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
-        inputs["vision_features"] = feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(
-            0, inputs["images"].shape[:2])
+    if cached_vision:
+        inputs["vision_features"] = cached_features(policy, inputs)
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
@@ -431,16 +426,22 @@ def _compare(ref: tuple, got: tuple) -> dict:
             "grad_rel_l2_all": num / max(den, 1e-30), "grad_rel_l2_worst_tensors": {n: round(v, 5) for n, v in worst}}
 
 
+def cached_features(policy, inputs: dict) -> torch.Tensor:
+    """What the vision-feature cache holds for the prepared batch's images, in its storage dtype:
+    [B, n_cams, 1 + n_deepstack, tokens, d] (computed here by the policy's own tower)."""
+    from vla_core.policy.vision_cache import tower_features
+
+    autocast = policy.cfg.autocast_bf16
+    feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
+    return feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(0, inputs["images"].shape[:2])
+
+
 def check_cached_vision(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int) -> dict:
     """frozen_vision: loss and gradients with the tower's outputs handed in (stored as the vision-feature cache
     stores them: bf16 bits on the GPU) vs the live tower, same policy, same batch."""
-    from vla_core.policy.vision_cache import tower_features
-
     policy = build_policy(folder, image_px, n_act, "frozen_vision", device, world_dim, batched=True)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
-    autocast = policy.cfg.autocast_bf16
-    feats = tower_features(policy.backbone, inputs["images"].flatten(0, 1), autocast)
-    feats = feats.to(torch.bfloat16 if autocast else torch.float32).unflatten(0, inputs["images"].shape[:2])
+    feats = cached_features(policy, inputs)
     results = []
     for batch_in in (inputs, {**inputs, "vision_features": feats}):
         policy.zero_grad(set_to_none=True)
@@ -630,9 +631,9 @@ def host_profile(step, trace_path: str = "") -> dict:
     # the GPU's own work by kernel name (what is left once the host overhead is gone)
     by_kernel: dict[str, list] = {}
     for e in kernel_events:
-            d = by_kernel.setdefault(e.name[:90], [0, 0.0])
-            d[0] += 1
-            d[1] += (e.time_range.end - e.time_range.start) / 1e3
+        d = by_kernel.setdefault(e.name[:90], [0, 0.0])
+        d[0] += 1
+        d[1] += (e.time_range.end - e.time_range.start) / 1e3
     top_kernels = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:30]
     return {"wall_ms_profiled": round(wall * 1e3, 1), "gpu_busy_ms": round(busy_total / 1e3, 1),
             "kernel_launches": sum(v[0] for v in by_kernel.values()),
