@@ -117,6 +117,9 @@ def test_training_batch_and_rollout_observation_share_the_path(backbones):
     a, b = proc(batch), proc.observations([obs], [obs["task"]])
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "act_index", "images", "state"):
         assert torch.equal(a[key], b[key]), key
+    # a batch's images as a list of per-sample arrays: converted as the stacked array is
+    listed = proc({**batch, "images": list(batch["images"])})
+    assert torch.equal(listed["images"], a["images"])
     # state is normalised by vla_core.data.normalize (the one function pair), not re-implemented
     expected = normalize(obs["state"][None], proc.stats[cfg.state_key])
     assert torch.allclose(a["state"], torch.as_tensor(expected, dtype=torch.float32))
