@@ -368,6 +368,65 @@ def test_grid_inputs_are_computed_once_and_give_the_same_loss_and_gradients(monk
     assert_same_grads(results[0][1], results[2][1], rtol=1e-6)
 
 
+def test_sync_free_backbone_forward_is_bit_identical_to_transformers_and_one_graph():
+    """The backbone's sync-free forward (gathers in place of boolean-mask scatters, the token-count check on
+    the host) gives transformers' Qwen3VLModel.forward's loss and gradients exactly, with prompts of different
+    lengths (right padding); the language model's whole forward then traces as one graph, where transformers'
+    DeepStack step breaks it (boolean indexing needs the count of image tokens on the host)."""
+    import torch._dynamo
+
+    policy = build(finetune="full", memory="pred")
+    batch = random_batch(policy.cfg, batch_size=3, seed=5)
+    batch["task"] = ["open the top drawer of the cabinet and put the bowl inside", "push", "stack the cups"]
+    inputs = policy.prepare(batch)
+    assert not bool(inputs["attention_mask"].all())  # padded prompts
+    bb = policy.backbone
+    results = []
+    for on in (True, False):
+        bb.sync_free_forward = on
+        assert ("_deepstack_process" in vars(bb.language_model)) == on  # the patch comes and goes
+        policy.zero_grad(set_to_none=True)
+        out = policy(inputs)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), grads(policy)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1]), \
+        [n for n in results[0][1] if not torch.equal(results[0][1][n], results[1][1][n])][:5]
+
+    captured = {}
+    lm_forward = bb.language_model.forward
+
+    def spy(**kw):
+        captured.update(kw)
+        return lm_forward(**kw)
+
+    def breaks() -> int:
+        lm = bb.language_model
+        with torch.no_grad():
+            return torch._dynamo.explain(lambda kw: lm(**kw))(captured).graph_break_count
+
+    bb.sync_free_forward = True
+    bb.language_model.forward = spy
+    with torch.no_grad():
+        policy(inputs)
+    del bb.language_model.forward
+    assert breaks() == 0
+    bb.sync_free_forward = False  # transformers' own DeepStack step
+    assert breaks() > 0
+    bb.sync_free_forward = True
+
+
+def test_prompts_whose_image_tokens_do_not_match_the_images_are_refused_before_the_forward():
+    policy = build(finetune="full", memory="none")
+    inputs = policy.processor(random_batch(policy.cfg, batch_size=2, seed=1))
+    policy.prepare(inputs)  # the processor's own output passes
+    ids = inputs["input_ids"].clone()
+    ids[ids == policy.backbone.image_token_id] = policy.processor.pad_token_id  # no image tokens left
+    with pytest.raises(WmvlaError, match=r"hold 0 image tokens, the images give 4 x"):
+        policy.prepare({**inputs, "input_ids": ids})
+
+
 def test_patch_embedding_matmul_equals_the_convolution():
     from vla_core.policy.backbone import set_batched_vision_attention
 
@@ -421,16 +480,18 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     assert set(a.state_dict()) == set(b.state_dict())  # checkpoints keep their keys
 
 
-def test_vision_tower_as_one_compiled_region_gives_the_same_loss_and_gradients():
-    """compile_blocks(vision_region="tower"): the whole tower is one compiled graph (no graph break with the
-    grid inputs precomputed), its blocks are not compiled one by one, and the numbers are the eager ones."""
+def test_vision_tower_and_decoder_stack_as_one_compiled_region_each_give_the_same_loss_and_gradients():
+    """compile_blocks(vision_region="tower", decoder_region="stack"): the whole tower and the language model's
+    whole forward are one compiled graph each (no graph break: grid inputs precomputed, sync-free backbone
+    forward), their blocks and layers are not compiled one by one, and the numbers are the eager ones."""
     import torch._dynamo
 
     a, b = build(finetune="full", memory="pred"), build(finetune="full", memory="pred")
-    n = a.compile_blocks(vision_region="tower")
-    assert n == a.cfg.tiny.num_layers + 1
-    assert not any(hasattr(blk, "_compiled_call_impl") and blk._compiled_call_impl is not None
-                   for blk in a.backbone.vision_tower.blocks)
+    n = a.compile_blocks(vision_region="tower", decoder_region="stack")
+    assert n == 2
+    compiled = [blk for blk in [*a.backbone.vision_tower.blocks, *a.backbone.language_model.layers]
+                if getattr(blk, "_compiled_call_impl", None) is not None]
+    assert compiled == []
     inputs = a.prepare(random_batch(a.cfg, batch_size=2, seed=2))
     torch._dynamo.utils.counters.clear()
     la, lb = a(inputs)["loss"], b(inputs)["loss"]
@@ -443,8 +504,12 @@ def test_vision_tower_as_one_compiled_region_gives_the_same_loss_and_gradients()
     c.enable_gradient_checkpointing()
     with pytest.raises(WmvlaError, match="no gradient checkpointing"):
         c.compile_blocks(vision_region="tower")
+    with pytest.raises(WmvlaError, match="decoder_region='stack' needs .* no gradient checkpointing"):
+        c.compile_blocks(decoder_region="stack")
     with pytest.raises(WmvlaError, match="expected 'blocks' or 'tower'"):
         c.compile_blocks(vision_region="model")
+    with pytest.raises(WmvlaError, match="expected 'layers' or 'stack'"):
+        c.compile_blocks(decoder_region="model")
 
 
 def test_compiled_optimizer_update_equals_the_eager_one():

@@ -496,6 +496,44 @@ def _vision_forward_or_cached(self, hidden_states: torch.Tensor, grid_thw: torch
     return _vision_output(self, flat[0], list(flat[1:]))
 
 
+def rows_in_mask_order(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, L, d]: at the k-th True position of `mask` [B, L] (row-major) the k-th row of `rows` [N, d]; elsewhere
+    some row (callers select with `torch.where(mask, ...)`). What `masked_scatter` / `x[mask] = rows` place, as a
+    gather by the running count of True positions: no host sync (boolean indexing needs the count on the host)
+    and static shapes, so it compiles into the surrounding graph. `index_select`: its backward is an
+    `index_add` (the zero gradients of the unselected positions add exact zeros)."""
+    index = (torch.cumsum(mask.flatten(), 0) - 1).clamp_(min=0)
+    return torch.index_select(rows, 0, index).view(*mask.shape, rows.shape[-1])
+
+
+def _deepstack_process_sync_free(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                                 visual_embeds: torch.Tensor) -> torch.Tensor:
+    """transformers' Qwen3-VL `_deepstack_process` (hidden[mask] += visual_embeds after the first decoder
+    layers), the same additions without boolean indexing (`rows_in_mask_order`): bit-identical outputs."""
+    mask = visual_pos_masks.to(hidden_states.device)
+    rows = rows_in_mask_order(mask, visual_embeds.to(hidden_states.device, hidden_states.dtype))
+    return torch.where(mask.unsqueeze(-1), hidden_states + rows, hidden_states)
+
+
+def install_sync_free_deepstack(language_model: nn.Module) -> bool:
+    """Replace the text model's `_deepstack_process` (instance attribute, as the vision patches do). False when
+    this transformers version has no such method (then the model's own forward is used, see VLBackbone)."""
+    import types
+
+    if not hasattr(language_model, "_deepstack_process"):
+        return False
+    language_model._deepstack_process = types.MethodType(_deepstack_process_sync_free, language_model)
+    return True
+
+
+def tower_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(merged tokens [N, d], DeepStack features) from the tower's output (a dataclass in transformers 5.x,
+    a tuple before)."""
+    if isinstance(out, tuple):
+        return out[0], list(out[1])
+    return out.pooler_output, list(out.deepstack_features)
+
+
 class VLBackbone(nn.Module):
     """A Qwen-VL base model + its tokenizer + the ACT-token embedding; forward -> last hidden state [B, L, d]."""
 
@@ -560,6 +598,8 @@ class VLBackbone(nn.Module):
         self.vision_grid_inputs = VisionGridInputs.install(model.visual) if self.family == "qwen3_vl" else None
         if self.family == "qwen3_vl":  # outermost wrapper: a cached call skips the grid inputs too
             install_cached_vision(model.visual)
+        self._sync_free = False
+        self.sync_free_forward = self.family == "qwen3_vl"
 
     # -------------------------------------------------------------------------------------------- parts
 
@@ -577,6 +617,32 @@ class VLBackbone(nn.Module):
         wrapper, VisionGridInputs.install, and get_image_features' split sizes read it without a host sync),
         else on the device, as transformers computes from it there."""
         return image_grid_thw if self.precompute_vision_inputs else image_grid_thw.to(device)
+
+    @property
+    def sync_free_forward(self) -> bool:
+        """Qwen3-VL: the backbone's forward for images without a host sync or a data-dependent shape
+        (`_sync_free_model_forward`), so that the decoder stack compiles into one graph. Off: transformers' own
+        `Qwen3VLModel.forward` (the reference of the equivalence tests)."""
+        return self._sync_free
+
+    @sync_free_forward.setter
+    def sync_free_forward(self, on: bool) -> None:
+        lm = self.model.language_model
+        if on and not self._sync_free:
+            self._sync_free = install_sync_free_deepstack(lm)
+        elif not on and self._sync_free:
+            del lm._deepstack_process  # the class's own method again
+            self._sync_free = False
+
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
+        """The prompts hold one run of `tokens_per_image` image tokens per image (what transformers checks
+        inside its forward, with a host sync; here on the processor's CPU output, before the forward)."""
+        found = int((input_ids == self.image_token_id).sum())
+        if found != n_images * self.tokens_per_image:
+            raise WmvlaError(f"the prompts hold {found} image tokens, the images give {n_images} x "
+                             f"{self.tokens_per_image} = {n_images * self.tokens_per_image} features: inputs not "
+                             "made by this policy's processor (PolicyProcessor) or for another image_size. Fix: "
+                             "pass raw batches to the policy, or process them with policy.processor.")
 
     @property
     def act_embedding(self) -> ActTokenEmbedding:
@@ -623,6 +689,9 @@ class VLBackbone(nn.Module):
         return out.last_hidden_state
 
     def _model_forward(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, mm_token_type_ids):
+        if self.sync_free_forward and position_ids is not None:
+            return self._sync_free_model_forward(input_ids, attention_mask, position_ids, pixel_values,
+                                                 image_grid_thw)
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -633,6 +702,23 @@ class VLBackbone(nn.Module):
             use_cache=False,
             return_dict=True,
         )
+
+
+    def _sync_free_model_forward(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw):
+        """transformers' Qwen3VLModel.forward for still images, the same operations in the same order, minus its
+        host syncs: the image-token count check (`get_placeholder_mask`: done on the host by `check_image_tokens`),
+        the per-image split of the tower's output (`.tolist()`), and boolean-mask scatters of the merged tokens and
+        the DeepStack features (`rows_in_mask_order`). Bit-identical outputs (tests/test_policy_backbone.py);
+        without a sync inside, the language model's whole forward traces as one graph (compile_blocks)."""
+        model = self.model
+        embeds = model.get_input_embeddings()(input_ids)
+        merged, deepstack = tower_outputs(model.visual(pixel_values.type(model.visual.dtype), grid_thw=image_grid_thw,
+                                                        return_dict=True))
+        image_mask = input_ids == self.image_token_id
+        merged = rows_in_mask_order(image_mask, merged.to(embeds.device, embeds.dtype))
+        embeds = torch.where(image_mask.unsqueeze(-1), merged, embeds)
+        return model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                    visual_pos_masks=image_mask, deepstack_visual_embeds=deepstack)
 
 
 def save_tiny_checkpoint(cfg: PolicyConfig, path: str | os.PathLike) -> None:

@@ -72,8 +72,8 @@ class VLAPolicy(nn.Module):
             # RMSNorm output has a large per-channel scale).
             self.readout_norm = nn.LayerNorm(d)
             # Proprio: projected and added to every ACT state, not inserted as a prompt token. (1) The
-            # normalised state reaches the heads unblurred by 28 bf16 layers; (2) the backbone call stays a
-            # plain transformers call with input_ids (positions, image masks computed by transformers);
+            # normalised state reaches the heads unblurred by 28 bf16 layers; (2) the prompt stays the model's own
+            # format, text and image tokens only (positions and image masks follow transformers' rules);
             # (3) it is on from step 0 with no gate: every experiment (E0..E3) has it, unlike the memory,
             # whose zero gate exists to make E1 == E0 at the start.
             self.state_proj = (nn.Sequential(nn.Linear(cfg.state_dim, d), nn.SiLU(), nn.Linear(d, d))
@@ -107,31 +107,47 @@ class VLAPolicy(nn.Module):
         self.check_precision()
 
     def compile_blocks(self, mode: str | None = None, options: dict | None = None, vision_region: str = "blocks",
-                       vision_mode: str | None = None) -> int:
+                       vision_mode: str | None = None, decoder_region: str = "layers",
+                       decoder_mode: str | None = None) -> int:
         """torch.compile every decoder layer and vision block in place (`nn.Module.compile`: parameter names and
         checkpoints unchanged; all layers of a kind share one compiled graph), and on a GPU the policy's own
         modules around the backbone (state projection, Prophet, memory attention, the head's network). Fuses the
         elementwise work between the matmuls and removes most kernel launches (docs/benchmarks.md). Returns the
         number of modules compiled. `mode` / `options`: torch.compile's (one or the other).
 
-        `vision_region="tower"` (Qwen3-VL with its grid inputs precomputed; measured by benchmarks/bench_train.py,
-        not used by the trainer): the whole vision tower as ONE compiled region instead of one per block (its
-        shapes are fixed by `image_size`, and with the grid inputs precomputed it traces without a graph
-        break), `vision_mode` its torch.compile mode (e.g. reduce-overhead: one CUDA graph for the tower's
-        forward and one for its backward)."""
+        Fewer, larger regions (Qwen3-VL; options of benchmarks/bench_train.py, not used by the trainer: on the
+        H200, full fine-tuning took 177-188 ms per step with both below against 180-208 ms per block, within
+        the lent machines' noise, LoRA 9 % longer, and they take ~2.5 minutes instead of ~40 s to compile;
+        docs/benchmarks.md):
+        - `vision_region="tower"` (grid inputs precomputed): the whole vision tower as ONE compiled region
+          instead of one per block (its shapes are fixed by `image_size`, and with the grid inputs precomputed
+          it traces without a graph break), `vision_mode` its torch.compile mode (e.g. reduce-overhead: one
+          CUDA graph for the tower's forward and one for its backward).
+        - `decoder_region="stack"` (the backbone's sync-free forward): the language model's whole forward (all
+          decoder layers, the DeepStack additions, rotary embedding, mask, final norm) as ONE region,
+          `decoder_mode` its mode. Each region's Python wrappers then run once per step instead of per layer.
+        Both are refused under gradient checkpointing (one region would trace through the per-layer
+        checkpoints)."""
         import torch._dynamo
 
         # 28 + 24 modules of two kinds, each compiled once per input shape (sequence lengths vary per batch)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if vision_region not in ("blocks", "tower"):
             raise WmvlaError(f"vision_region={vision_region!r}; expected 'blocks' or 'tower'")
-        visual = self.backbone.vision_tower
-        tower = vision_region == "tower"
-        if tower and (self.backbone.vision_grid_inputs is None or self._checkpointing):
+        if decoder_region not in ("layers", "stack"):
+            raise WmvlaError(f"decoder_region={decoder_region!r}; expected 'layers' or 'stack'")
+        bb = self.backbone
+        visual, lm = bb.vision_tower, bb.language_model
+        tower, stack = vision_region == "tower", decoder_region == "stack"
+        if tower and (bb.vision_grid_inputs is None or self._checkpointing):
             raise WmvlaError("vision_region='tower' needs a Qwen3-VL tower with precomputed grid inputs and no "
                              "gradient checkpointing (one region would trace through the per-block checkpoints). "
                              "Fix: vision_region='blocks'.")
-        blocks = list(self.backbone.language_model.layers) + ([] if tower else list(getattr(visual, "blocks", [])))
+        if stack and (not bb.sync_free_forward or self._checkpointing):
+            raise WmvlaError("decoder_region='stack' needs a Qwen3-VL backbone with its sync-free forward and no "
+                             "gradient checkpointing (one region would trace through the per-layer checkpoints). "
+                             "Fix: decoder_region='layers'.")
+        blocks = ([] if stack else list(lm.layers)) + ([] if tower else list(getattr(visual, "blocks", [])))
         # the policy's modules: a few hundred small eager kernels between the backbone and the backward on a GPU
         # (the memory's finiteness check is deferred in training, so the memory module compiles without a
         # break); on a CPU there is no launch cost to remove, only compile time
@@ -143,7 +159,9 @@ class VLAPolicy(nn.Module):
         if tower:  # transformers' own forward under the grid-inputs wrapper (VisionGridInputs.install)
             visual._wmvla_hf_forward = torch.compile(visual._wmvla_hf_forward, mode=vision_mode or mode,
                                                      options=None if (vision_mode or mode) else options)
-        return len(blocks) + int(tower)
+        if stack:
+            lm.compile(mode=decoder_mode or mode, options=None if (decoder_mode or mode) else options)
+        return len(blocks) + int(tower) + int(stack)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute every decoder layer / vision block in backward (the trainer's memory plan may call this
@@ -322,6 +340,11 @@ class VLAPolicy(nn.Module):
     def prepare(self, batch: Mapping) -> dict:
         """Raw batch (images/state/task...) or already processed one -> processed tensors on the model's device."""
         inputs = batch if "input_ids" in batch else self.processor(batch)
+        ids = inputs["input_ids"]
+        if isinstance(ids, torch.Tensor) and ids.device.type == "cpu":  # free on the host, a sync on the device
+            images = inputs.get("vision_features", inputs.get("images"))
+            if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim >= 2:
+                self.backbone.check_image_tokens(ids, int(images.shape[0]) * int(images.shape[1]))
         return move_to_device(inputs, self.device)
 
     def encode(self, inputs: Mapping) -> torch.Tensor:
