@@ -290,26 +290,30 @@ def model_flops(policy, batch: int, seq: int, finetune: str, vision_cached: bool
     return float(llm_mult * llm_fwd + vis_mult * vis_fwd)
 
 
+def uses_cuda_graphs(mode: str | None, options: dict | None, regions: dict | None) -> bool:
+    """Whether a compiled row replays CUDA graphs (then each step starts with cudagraph_mark_step_begin)."""
+    modes = [mode, (regions or {}).get("vision_mode"), (regions or {}).get("decoder_mode")]
+    return any(m and "reduce-overhead" in m for m in modes) or bool((options or {}).get("triton.cudagraphs"))
+
+
 def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
                world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
                trace_path: str = "", compile_mode: str | None = None, compile_options: dict | None = None,
-               compile_vision: dict | None = None, cached_vision: bool = False) -> dict:
+               compile_regions: dict | None = None, cached_vision: bool = False) -> dict:
     """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
     backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
     from vla_core.train.checks import check_step_finite
 
     policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
     if compile_:
-        policy.compile_blocks(mode=compile_mode, options=compile_options, **(compile_vision or {}))
+        policy.compile_blocks(mode=compile_mode, options=compile_options, **(compile_regions or {}))
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
     if cached_vision:
         inputs["vision_features"] = cached_features(policy, inputs)
     params = [p for _, p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
-    cuda_graphs = (bool(compile_mode) and "reduce-overhead" in compile_mode) or bool(
-        (compile_options or {}).get("triton.cudagraphs")) or "reduce-overhead" in str(
-        (compile_vision or {}).get("vision_mode"))
+    cuda_graphs = uses_cuda_graphs(compile_mode, compile_options, compile_regions)
 
     def step():
         if cuda_graphs:  # a new training step: earlier graph outputs may be overwritten
@@ -339,7 +343,8 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
 
 
 def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
-              act_token_id: int, action_dim: int, chunk: int, rounds: int, iters: int) -> dict:
+              act_token_id: int, action_dim: int, chunk: int, rounds: int, iters: int,
+              variant: str = "") -> dict:
     """The plain HF bf16 step and our compiled step (full fine-tune), both built once in one process and timed
     in alternating rounds of `iters` steps: the lent machine's speed drifts between runs (the HF step measured
     392-491 ms on different days' machines), so the ratio is taken per round and its median reported."""
@@ -347,11 +352,15 @@ def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: 
 
     hf_step = make_hf_step(cfg, inputs, act_token_id, action_dim, chunk, "full", "bf16", device)
     policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
-    policy.compile_blocks()
+    mode, options, regions = compile_variant(f"ours_compiled[{variant}]" if variant else "ours_compiled", None)
+    policy.compile_blocks(mode=mode, options=options, **regions)
+    cuda_graphs = uses_cuda_graphs(mode, options, regions)
     ours_inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
     opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=True)
 
     def ours_step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = policy(ours_inputs, defer_checks=True)
         out["loss"].backward()
         check_step_finite(out, 0)
@@ -369,7 +378,7 @@ def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: 
     flops = model_flops(policy, batch, seq, "full")
     med = statistics.median(rows["ours_compiled"])
     del hf_step, policy, opt
-    return {"rounds": rounds, "iters_per_round": iters,
+    return {"rounds": rounds, "iters_per_round": iters, "ours_variant": variant or "default",
             "hf_bf16_ms": [round(x * 1e3, 1) for x in rows["hf_bf16"]],
             "ours_compiled_ms": [round(x * 1e3, 1) for x in rows["ours_compiled"]],
             "ratio_per_round_sorted": [round(x, 3) for x in ratios], "ratio_median": round(statistics.median(ratios), 3),
@@ -378,39 +387,54 @@ def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: 
 
 
 def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
-                       compile_: bool = False) -> dict:
-    """Loss and gradients of our fast vision path (batched attention, patch embedding as a matmul, grid inputs
-    precomputed) vs transformers' own (per-image attention, Conv3d, grid inputs per call), and vs the compiled
-    blocks; same policy, same batch: relative L2 error of all gradients together and of the worst tensors."""
+                       compile_: bool = False, variant: str = "") -> dict:
+    """Loss and gradients of our fast path (batched vision attention, patch embedding as a matmul, grid inputs
+    precomputed, the sync-free backbone forward) vs transformers' own code (per-image attention, Conv3d, grid
+    inputs per call, Qwen3VLModel.forward), vs transformers' backbone forward alone (expected bit-identical), and
+    vs the compiled step (`variant`: as --compile-variants names it; default: the trainer's blocks); same policy,
+    same batch: relative L2 error of all gradients together and of the worst tensors."""
     from vla_core.policy.backbone import set_batched_vision_attention
 
     policy = build_policy(folder, image_px, n_act, "full", device, world_dim, batched=True)
     inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim, seed=1))
-    results = []
-    for on in (True, False):  # the whole fast path vs transformers' own code
-        set_batched_vision_attention(policy.backbone.model, on)
-        policy.backbone.precompute_vision_inputs = on
+    bb = policy.backbone
+
+    def run() -> tuple:
         policy.zero_grad(set_to_none=True)
         out = policy(inputs)
         out["loss"].backward()
-        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
-                                              if p.grad is not None}))
-    if compile_:  # the compiled blocks against the eager batched path
-        set_batched_vision_attention(policy.backbone.model, True)
-        policy.backbone.precompute_vision_inputs = True
-        policy.compile_blocks()
-        for _ in range(2):  # compile, then the measured call
-            policy.zero_grad(set_to_none=True)
-            out = policy(inputs)
-            out["loss"].backward()
-        results.append((float(out["loss"].detach()), {n: p.grad.detach().float().cpu() for n, p in policy.trainable_parameters()
-                                              if p.grad is not None}))
+        return float(out["loss"].detach()), {n: p.grad.detach().float().cpu()
+                                             for n, p in policy.trainable_parameters() if p.grad is not None}
+
+    def fast_path(on: bool) -> None:
+        set_batched_vision_attention(bb.model, on)
+        bb.precompute_vision_inputs = on
+        bb.sync_free_forward = on
+
+    results = []
+    for on in (True, False):  # the whole fast path vs transformers' own code
+        fast_path(on)
+        results.append(run())
+    fast_path(True)
+    bb.sync_free_forward = False  # transformers' backbone forward, our vision path
+    results.append(run())
+    fast_path(True)
+    if compile_:  # the compiled step against the eager fast path
+        mode, options, regions = compile_variant(f"ours_compiled[{variant}]" if variant else "ours_compiled", None)
+        policy.compile_blocks(mode=mode, options=options, **regions)
+        for _ in range(2):  # compile, then the compared call
+            if uses_cuda_graphs(mode, options, regions):
+                torch.compiler.cudagraph_mark_step_begin()
+            loss_grads = run()
+        results.append(loss_grads)
     del policy, inputs
     ref = results[0]
-    out = {"reference": "eager, fast vision path (batched attention, patch matmul, precomputed grid inputs)",
-           "loss_reference": ref[0], "transformers_vision_path": _compare(ref, results[1])}
+    out = {"reference": "eager, fast path (batched vision attention, patch matmul, precomputed grid inputs, "
+                        "sync-free backbone forward)",
+           "loss_reference": ref[0], "transformers_path": _compare(ref, results[1]),
+           "transformers_backbone_forward": _compare(ref, results[2])}
     if compile_:
-        out["compiled_blocks"] = _compare(ref, results[2])
+        out[f"compiled_{variant or 'blocks'}"] = _compare(ref, results[3])
     return out
 
 
@@ -669,12 +693,17 @@ def compile_variant(row: str, default_mode: str | None) -> tuple[str | None, dic
     """How a row is compiled: (torch.compile mode, inductor options, VLAPolicy.compile_blocks' vision settings).
     `ours_compiled[reduce-overhead]` -> a mode; `ours_compiled[opt:cpp_wrapper=true,triton.cudagraphs=false]` ->
     inductor options; `ours_compiled[tower]` / `ours_compiled[tower:reduce-overhead]` -> the vision tower as one
-    compiled region (in that mode); else --compile-mode."""
+    compiled region (in that mode); `ours_compiled[stack]` / `[stack:MODE]` -> the tower and the language model's
+    whole forward as one region each; else --compile-mode."""
     if not (row.startswith("ours_compiled[") and row.endswith("]")):
         return default_mode, None, {}
     variant = row[len("ours_compiled["):-1]
     if variant == "tower" or variant.startswith("tower:"):
         return default_mode, None, {"vision_region": "tower", "vision_mode": variant.partition(":")[2] or None}
+    if variant == "stack" or variant.startswith("stack:"):  # the tower and the decoder stack: one region each
+        region_mode = variant.partition(":")[2] or None
+        return default_mode, None, {"vision_region": "tower", "vision_mode": region_mode,
+                                    "decoder_region": "stack", "decoder_mode": region_mode}
     if not variant.startswith("opt:"):
         return variant, None, {}
     options = {}
@@ -708,8 +737,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="more ours_compiled rows, each compiled another way: a torch.compile mode "
                          "(reduce-overhead, max-autotune-no-cudagraphs) or inductor options as opt:KEY=VALUE[,...] "
                          "(e.g. opt:cpp_wrapper=true), or tower / tower:MODE (the vision tower as one compiled "
-                         "region); rows named ours_compiled[VARIANT]")
-    ap.add_argument("--check", action="store_true", help="batched vs per-image vision attention: loss and grads")
+                         "region), or stack / stack:MODE (the tower and the language model: one region each); "
+                         "rows named ours_compiled[VARIANT]")
+    ap.add_argument("--ours-variant", default="", metavar="VARIANT",
+                    help="how --alternate and --check compile our step (a --compile-variants name; default: the "
+                         "trainer's per-block compile)")
+    ap.add_argument("--check", action="store_true", help="our fast path vs transformers' code, and vs the compiled "
+                    "step: loss and grads")
     ap.add_argument("--memory-cell", action="store_true", help="the libero-2b cell under --cap-gb")
     ap.add_argument("--cap-gb", type=float, default=48.0)
     ap.add_argument("--variants", nargs="*", default=["auto", "auto-eager", "ckpt-32-bfloat16-bfloat16",
@@ -727,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     iters = args.iters if args.iters is not None else (2 if tiny else 10)
     rows = [r for r in args.rows if r != "none" and r not in args.skip]
-    if args.compile and "ours_compiled" not in rows:
+    if args.compile and "ours_compiled" not in rows and "ours_compiled" not in args.skip:
         rows.append("ours_compiled")
     rows += [f"ours_compiled[{v}]" for v in args.compile_variants]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -767,14 +801,14 @@ def main(argv: list[str] | None = None) -> dict:
             _free(device)
             try:
                 if name.startswith("ours"):
-                    mode, options, vision = compile_variant(name, args.compile_mode)
+                    mode, options, regions = compile_variant(name, args.compile_mode)
                     r = bench_ours(tmp.name, batch, image_px, n_act, finetune, device, warmup, iters, world_dim,
                                    batched=name != "ours_ref",
                                    compile_=name.startswith("ours_compiled") or (name == "ours_cached_vision"
                                                                                  and args.compile),
                                    profile=args.profile,
                                    trace_path=f"{args.trace_dir}/{finetune}_{name}.json.gz" if args.trace_dir else "",
-                                   compile_mode=mode, compile_options=options, compile_vision=vision,
+                                   compile_mode=mode, compile_options=options, compile_regions=regions,
                                    cached_vision=name == "ours_cached_vision")
                     result["seq_len_ours"] = r["seq"]
                     row[name] = {"ms_per_step": round(r["sec"] * 1e3, 2), "samples_per_s": round(batch / r["sec"], 2),
@@ -812,12 +846,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.alternate:
         _free(device)
         result["alternate"] = alternate(cfg, inputs, tmp.name, batch, image_px, n_act, device, world_dim, act_token_id,
-                                        action_dim, chunk, args.alternate, iters)
+                                        action_dim, chunk, args.alternate, iters, args.ours_variant)
         print(f"[alternate] {result['alternate']}", file=sys.stderr, flush=True)
     if args.check:
         _free(device)
         result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,
-                                                    compile_=args.compile)
+                                                    compile_=args.compile, variant=args.ours_variant)
         _free(device)
         result["same_numbers_cached_vision"] = check_cached_vision(tmp.name, batch, image_px, n_act, device,
                                                                    world_dim)

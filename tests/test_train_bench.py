@@ -35,6 +35,10 @@ def test_bench_train_tiny_cached_vision_row_and_check():
     assert row["samples_per_s"] > 0 and row["model_flop_per_step"] > 0
     same = result["same_numbers_cached_vision"]["cached_vision"]  # fp32 on the CPU: the live numbers
     assert same["loss_rel_diff"] < 1e-6 and same["grad_rel_l2_all"] < 1e-5
+    backbone = result["same_numbers"]["transformers_backbone_forward"]  # the sync-free forward: the same ops
+    assert backbone["loss_rel_diff"] == 0.0 and backbone["grad_rel_l2_all"] == 0.0
+    hf = result["same_numbers"]["transformers_path"]
+    assert hf["loss_rel_diff"] < 1e-5 and hf["grad_rel_l2_all"] < 1e-4
 
 
 def test_compile_variant_rows_name_a_mode_or_inductor_options():
@@ -50,3 +54,9 @@ def test_compile_variant_rows_name_a_mode_or_inductor_options():
         None, None, {"vision_region": "tower", "vision_mode": None})
     assert bench.compile_variant("ours_compiled[tower:reduce-overhead]", None) == (
         None, None, {"vision_region": "tower", "vision_mode": "reduce-overhead"})
+    stack = bench.compile_variant("ours_compiled[stack:reduce-overhead]", None)
+    assert stack == (None, None, {"vision_region": "tower", "vision_mode": "reduce-overhead",
+                                  "decoder_region": "stack", "decoder_mode": "reduce-overhead"})
+    assert bench.uses_cuda_graphs(*stack) and not bench.uses_cuda_graphs(*bench.compile_variant("ours_compiled[stack]",
+                                                                                                None))
+    assert bench.uses_cuda_graphs("reduce-overhead", None, {})
