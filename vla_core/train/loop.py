@@ -681,14 +681,16 @@ def train(cfg: TrainConfig) -> dict:
                     f"gradients ({counts['small_gradient_tensors']} still tiny), those with Adam-significant "
                     f"gradients moved; {counts['frozen_tensors']} frozen tensors unchanged)")
                 snapshot = None
-            diag["grad_norm"] = float(grad_norm)
+            # summed on the device, read at log time: reading it here would wait for the update just queued,
+            # and the next step's host work (batch, processor) would run while the GPU idles
+            diag["grad_norm"] = grad_norm.detach().float()
             for k, v in diag.items():
                 window[k] = window.get(k, 0.0) + v
             n_window += 1
             progress.update(step, diag.get("loss", float("nan")), lr)
             if step % rcfg.log_every == 0 or step == o.steps:
                 dt = time.perf_counter() - t_window
-                rec = {"step": step, **{k: v / n_window for k, v in window.items()}, "lr": lr,
+                rec = {"step": step, **{k: float(v) / n_window for k, v in window.items()}, "lr": lr,
                        "samples_per_s": n_window * o.batch_size * o.grad_accum * world_size / max(dt, 1e-9),
                        "epoch": step * o.grad_accum / sampler.batches_per_epoch,
                        "elapsed_s": time.perf_counter() - t_start}
