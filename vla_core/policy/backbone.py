@@ -703,12 +703,11 @@ class VLBackbone(nn.Module):
             return_dict=True,
         )
 
-
     def _sync_free_model_forward(self, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw):
         """transformers' Qwen3VLModel.forward for still images, the same operations in the same order, minus its
         host syncs: the image-token count check (`get_placeholder_mask`: done on the host by `check_image_tokens`),
         the per-image split of the tower's output (`.tolist()`), and boolean-mask scatters of the merged tokens and
-        the DeepStack features (`rows_in_mask_order`). Bit-identical outputs (tests/test_policy_backbone.py);
+        the DeepStack features (`rows_in_mask_order`). Bit-identical outputs (tests/test_train_memory.py);
         without a sync inside, the language model's whole forward traces as one graph (compile_blocks)."""
         model = self.model
         embeds = model.get_input_embeddings()(input_ids)

@@ -116,7 +116,7 @@ class VLAPolicy(nn.Module):
         number of modules compiled. `mode` / `options`: torch.compile's (one or the other).
 
         Fewer, larger regions (Qwen3-VL; options of benchmarks/bench_train.py, not used by the trainer: on the
-        H200, full fine-tuning took 177-188 ms per step with both below against 180-208 ms per block, within
+        H200, full fine-tuning took 175-188 ms per step with both below against 180-208 ms per block, within
         the lent machines' noise, LoRA 9 % longer, and they take ~2.5 minutes instead of ~40 s to compile;
         docs/benchmarks.md):
         - `vision_region="tower"` (grid inputs precomputed): the whole vision tower as ONE compiled region
