@@ -67,7 +67,9 @@ def qwen3_vl_config(tiny: bool):
     from transformers import Qwen3VLConfig
 
     if tiny:
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        # 4 layers: each of the 3 DeepStack features is added before a later layer, as in the real model (with
+        # fewer, the last ones never reach the ACT states: the trainer's first-step check refuses that)
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                                                                           "mrope_section": [2, 3, 3],
                                                                           "mrope_interleaved": True})

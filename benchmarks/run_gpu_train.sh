@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu_train.sh ratio    # hf_bf16 vs ours_compiled in alternating rounds (the goal's
 #                                             # ratio), rows for full / frozen_vision / lora, the checks
 #   bash benchmarks/run_gpu_train.sh memory   # the libero-2b cell under a 48 GB cap (an L40S), kernel mix
+#   bash benchmarks/run_gpu_train.sh trainer  # the trainer's own loop on the libero-2b settings vs the bench step
 # JSON and logs go to $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +26,9 @@ case "${1:-speed}" in
     timeout 570 python3 benchmarks/bench_train.py --warmup 2 --iters 4 --rows none --memory-cell --cap-gb 48 --profile \
       --variants ${VARIANTS:-auto auto-eager ckpt-32-bfloat16-bfloat16 ckpt-8-float32-float32 nockpt-8-bfloat16-bfloat16} \
       --out "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log"
+    ;;
+  trainer) # wmvla train's loop (data, processor, EMA, logs) at 2B shapes, then bench_train's step, one process
+    timeout 570 python3 benchmarks/bench_trainer.py --steps ${STEPS:-40} --log-every 5 --out "$OUT/trainer.json" \
+      2>&1 | tee "$OUT/trainer.log"
     ;;
 esac

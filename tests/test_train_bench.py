@@ -6,9 +6,9 @@ import importlib.util
 from pathlib import Path
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
+def _load_bench(name: str = "bench_train"):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -60,3 +60,13 @@ def test_compile_variant_rows_name_a_mode_or_inductor_options():
     assert bench.uses_cuda_graphs(*stack) and not bench.uses_cuda_graphs(*bench.compile_variant("ours_compiled[stack]",
                                                                                                 None))
     assert bench.uses_cuda_graphs("reduce-overhead", None, {})
+
+
+def test_bench_trainer_tiny_times_the_training_loop_and_the_ideal_step():
+    """benchmarks/bench_trainer.py --tiny: the preset's run through the real loop (data, processor, EMA, logs,
+    checks) on generated data, timed from its log windows, and bench_train's step on the same backbone."""
+    result = _load_bench("bench_trainer").main(["--tiny"])
+    trainer = result["trainer"]
+    assert trainer["steps"] == 6 and trainer["windows"] == 3
+    assert len(trainer["samples_per_s_per_window"]) == 2  # the first window (compilation on a GPU) left out
+    assert trainer["ms_per_step"] > 0 and result["ideal_step_ms"] > 0 and result["trainer_over_ideal"] > 0
