@@ -2,8 +2,8 @@
 the idealised step of benchmarks/bench_train.py (`ours_compiled`) in the same process.
 
 bench_train.py times forward, backward and the update on one batch already on the GPU. A training run also
-loads a batch every step (DataLoader workers decode the frames), runs the processor (resize, prompt) in the
-main process, splits micro-batches, clips, updates the EMA, logs and checks. This script measures what a run
+loads a batch every step (DataLoader workers decode the frames and run the processor: resize, prompt), moves it
+to the GPU, splits micro-batches, clips, updates the EMA, logs and checks. This script measures what a run
 gets: the preset libero-2b (Qwen3-VL-2B shapes with random weights, full fine-tuning, batch 32, EMA 0.999,
 grad clip, compiled blocks, the memory plan for this GPU) trained for `--steps` steps on a generated
 LIBERO-schema dataset (two 256 px cameras, resized to 224 px by the processor as in training) with tiny world

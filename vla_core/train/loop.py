@@ -682,7 +682,8 @@ def train(cfg: TrainConfig) -> dict:
                     f"gradients moved; {counts['frozen_tensors']} frozen tensors unchanged)")
                 snapshot = None
             # summed on the device, read at log time: reading it here would wait for the update just queued,
-            # and the next step's host work (batch, processor) would run while the GPU idles
+            # and the next step's host work (taking the batch, moving it, launching the forward) would start
+            # on an idle GPU
             diag["grad_norm"] = grad_norm.detach().float()
             for k, v in diag.items():
                 window[k] = window.get(k, 0.0) + v
