@@ -393,7 +393,7 @@ class VisionGridInputs:
     resized to `image_size`), so these tensors are computed once on the CPU, moved to the device and handed to
     the tower precomputed: transformers' `vision_utils` functions pop them from the forward's kwargs when given
     (the documented way to keep these data-dependent steps out of compiled graphs). Same functions, same values.
-    `install` returns None when this transformers version or model has no such hook (then the grid goes to the
+    `create` returns None when this transformers version or model has no such hook (then the grid goes to the
     device and transformers computes as before).
     """
 
@@ -405,12 +405,10 @@ class VisionGridInputs:
         self._cache: dict[tuple, dict] = {}
 
     @classmethod
-    def install(cls, visual: nn.Module) -> "VisionGridInputs | None":
-        """Wrap `visual.forward`: a call with a CPU `grid_thw` gets the precomputed kwargs (a device grid: as
-        before). They cannot travel through the model's forward kwargs, which also reach the language model
-        (whose `position_ids` are another tensor)."""
-        import types
-
+    def create(cls, visual: nn.Module) -> "VisionGridInputs | None":
+        """None when this transformers version or model has no hook for precomputed grid inputs. They reach the
+        tower through `_vision_forward` (`install_vision_forward`), not through the model's forward kwargs,
+        which also reach the language model (whose `position_ids` are another tensor)."""
         try:
             from transformers import vision_utils
         except ImportError:
@@ -420,12 +418,7 @@ class VisionGridInputs:
         attrs = ("num_grid_per_side", "interpolation_mode", "interpolation_align_corners", "spatial_merge_size")
         if not all(hasattr(vision_utils, f) for f in fns) or not all(hasattr(visual, a) for a in attrs):
             return None
-        grid_inputs = cls(visual, vision_utils)
-        # state on the module, as batch_vision_attention does (a copy of the module stays self-contained)
-        visual._wmvla_hf_forward = visual.forward
-        visual._wmvla_grid_inputs = grid_inputs
-        visual.forward = types.MethodType(_vision_forward_with_grid_inputs, visual)
-        return grid_inputs
+        return cls(visual, vision_utils)
 
     def __call__(self, grid_thw: torch.Tensor, device: torch.device) -> dict:
         """Precomputed kwargs for the tower's forward; `grid_thw` must be a CPU tensor (no host sync)."""
@@ -447,29 +440,41 @@ class VisionGridInputs:
         return dict(entry)  # a copy: the tower pops what it uses
 
 
-def _vision_forward_with_grid_inputs(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None,
-                                     **kwargs):
-    grid_inputs = self._wmvla_grid_inputs
-    if grid_inputs.enabled and grid_thw is not None and grid_thw.device.type == "cpu":
-        kwargs = {**grid_inputs(grid_thw, hidden_states.device), **kwargs}
-    return self._wmvla_hf_forward(hidden_states, grid_thw=grid_thw, **kwargs)
-
-
-def install_cached_vision(visual: nn.Module) -> None:
-    """Wrap `visual.forward` so that a call can hand back precomputed tower outputs instead of running the tower.
-
-    `VLBackbone.forward(..., vision_features=...)` puts them on the module for the one call it makes (a frozen
-    tower's outputs for training frames, read from the vision-feature cache, vla_core/policy/vision_cache.py);
-    transformers' `get_image_features` then receives them as the tower's own output type and splits, scatters
-    and stacks them exactly as computed ones. Without a pending entry the tower runs as before. (Not through
-    transformers' `mm_encoder_outputs` argument: the 5.17 installed on the GPU machine has none.)"""
+def install_vision_forward(visual: nn.Module) -> "VisionGridInputs | None":
+    """Route the Qwen3-VL tower's forward through `_vision_forward` (state on the module, as
+    batch_vision_attention does, so a copy of the module stays self-contained). Returns its grid inputs (None:
+    transformers computes them per call). `visual._wmvla_hf_forward` is transformers' forward
+    (compile_blocks(vision_region="tower") compiles it in place)."""
     import types
 
-    if hasattr(visual, "_wmvla_uncached_forward"):
-        return
-    visual._wmvla_uncached_forward = visual.forward
-    visual._wmvla_pending_features = None
-    visual.forward = types.MethodType(_vision_forward_or_cached, visual)
+    if not hasattr(visual, "_wmvla_hf_forward"):
+        visual._wmvla_hf_forward = visual.forward
+        visual._wmvla_grid_inputs = VisionGridInputs.create(visual)
+        visual._wmvla_pending_features = None
+        visual.forward = types.MethodType(_vision_forward, visual)
+    return visual._wmvla_grid_inputs
+
+
+def _vision_forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
+    """The tower's forward, in this order:
+    1. precomputed outputs handed in for this one call (`VLBackbone.forward(..., vision_features=...)`: a frozen
+       tower's outputs for training frames, read from the vision-feature cache, vla_core/policy/vision_cache.py)
+       are returned in the tower's own output type, so the backbone places them exactly as computed ones; the
+       tower does not run;
+    2. else transformers' forward, with the grid-derived inputs precomputed (`VisionGridInputs`) when the grid
+       is a CPU tensor (a device grid: transformers computes them, as before).
+    (Not through transformers' `mm_encoder_outputs` argument: the 5.17 installed on the GPU machine has none.)"""
+    pending, self._wmvla_pending_features = self._wmvla_pending_features, None
+    if pending is not None:  # [n_images, 1 + n_deepstack, tokens_per_image, d] (merged tokens first)
+        if grid_thw is not None and int(grid_thw.shape[0]) != int(pending.shape[0]):
+            raise WmvlaError(f"cached vision features hold {pending.shape[0]} images, the prompt has "
+                             f"{grid_thw.shape[0]}")
+        flat = pending.transpose(0, 1).flatten(1, 2)  # [1 + n_deepstack, n_images * tokens_per_image, d]
+        return _vision_output(self, flat[0], list(flat[1:]))
+    grid_inputs = self._wmvla_grid_inputs
+    if grid_inputs is not None and grid_inputs.enabled and grid_thw is not None and grid_thw.device.type == "cpu":
+        kwargs = {**grid_inputs(grid_thw, hidden_states.device), **kwargs}
+    return self._wmvla_hf_forward(hidden_states, grid_thw=grid_thw, **kwargs)
 
 
 def _vision_output(visual: nn.Module, merged: torch.Tensor, deepstack: list[torch.Tensor]):
@@ -483,17 +488,6 @@ def _vision_output(visual: nn.Module, merged: torch.Tensor, deepstack: list[torc
     if cls is None:
         return merged, deepstack
     return cls(last_hidden_state=None, pooler_output=merged, deepstack_features=deepstack)
-
-
-def _vision_forward_or_cached(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs):
-    pending, self._wmvla_pending_features = self._wmvla_pending_features, None
-    if pending is None:
-        return self._wmvla_uncached_forward(hidden_states, grid_thw=grid_thw, **kwargs)
-    # pending: [n_images, 1 + n_deepstack, tokens_per_image, d] (merged tokens first)
-    if grid_thw is not None and int(grid_thw.shape[0]) != int(pending.shape[0]):
-        raise WmvlaError(f"cached vision features hold {pending.shape[0]} images, the prompt has {grid_thw.shape[0]}")
-    flat = pending.transpose(0, 1).flatten(1, 2)  # [1 + n_deepstack, n_images * tokens_per_image, d]
-    return _vision_output(self, flat[0], list(flat[1:]))
 
 
 def rows_in_mask_order(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -595,9 +589,7 @@ class VLBackbone(nn.Module):
         if cfg.batched_vision_attention and self.family == "qwen3_vl":  # Qwen2.5-VL attends in windows: as is
             self.batched_vision_attention = batch_vision_attention(model, (cfg.image_size // self.patch_size) ** 2)
         # Qwen3-VL: grid-derived vision inputs computed once per grid (None: transformers computes them per call)
-        self.vision_grid_inputs = VisionGridInputs.install(model.visual) if self.family == "qwen3_vl" else None
-        if self.family == "qwen3_vl":  # outermost wrapper: a cached call skips the grid inputs too
-            install_cached_vision(model.visual)
+        self.vision_grid_inputs = install_vision_forward(model.visual) if self.family == "qwen3_vl" else None
         self._sync_free = False
         self.sync_free_forward = self.family == "qwen3_vl"
 
@@ -614,7 +606,7 @@ class VLBackbone(nn.Module):
 
     def grid_for_model(self, image_grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The grid where the model reads it: on the CPU while the grid inputs are precomputed (the tower's
-        wrapper, VisionGridInputs.install, and get_image_features' split sizes read it without a host sync),
+        forward, `_vision_forward`, and get_image_features' split sizes read it without a host sync),
         else on the device, as transformers computes from it there."""
         return image_grid_thw if self.precompute_vision_inputs else image_grid_thw.to(device)
 
@@ -671,7 +663,7 @@ class VLBackbone(nn.Module):
                 position_ids: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """vision_features: the frozen tower's outputs for these images, [n_images, 1 + n_deepstack,
         tokens_per_image, d] (merged tokens, then the DeepStack features; images in pixel_values order):
-        the tower does not run and `pixel_values` is not read (see `install_cached_vision`)."""
+        the tower does not run and `pixel_values` is not read (see `_vision_forward`)."""
         if position_ids is None and self.vectorized_positions:
             position_ids = mrope_position_ids(mm_token_type_ids, attention_mask, self.merged_grid, self.merged_grid)
         image_grid_thw = self.grid_for_model(image_grid_thw, input_ids.device)

@@ -156,7 +156,7 @@ class VLAPolicy(nn.Module):
             blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
         for block in blocks:
             block.compile(mode=mode, options=options)
-        if tower:  # transformers' own forward under the grid-inputs wrapper (VisionGridInputs.install)
+        if tower:  # transformers' own forward, called by the tower's `_vision_forward` (install_vision_forward)
             visual._wmvla_hf_forward = torch.compile(visual._wmvla_hf_forward, mode=vision_mode or mode,
                                                      options=None if (vision_mode or mode) else options)
         if stack:
