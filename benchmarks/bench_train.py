@@ -298,36 +298,52 @@ def uses_cuda_graphs(mode: str | None, options: dict | None, regions: dict | Non
     return any(m and "reduce-overhead" in m for m in modes) or bool((options or {}).get("triton.cudagraphs"))
 
 
-def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
-               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
-               trace_path: str = "", compile_mode: str | None = None, compile_options: dict | None = None,
-               compile_regions: dict | None = None, cached_vision: bool = False) -> dict:
-    """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
-    backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
+def compile_policy(policy, mode: str | None, options: dict | None, regions: dict | None) -> bool:
+    """compile_blocks as a row names it (`compile_variant`'s three values); True when its steps replay CUDA
+    graphs."""
+    policy.compile_blocks(mode=mode, options=options, **(regions or {}))
+    return uses_cuda_graphs(mode, options, regions)
+
+
+def variant_row(variant: str) -> str:
+    """The row name of a --compile-variants / --ours-variant name ("" = the trainer's per-block compile)."""
+    return f"ours_compiled[{variant}]" if variant else "ours_compiled"
+
+
+def ours_train_step(policy, inputs: dict, opt, cuda_graphs: bool):
+    """Our training step as the trainer runs it (checks read after backward, before the update), its phases
+    named for the profiler."""
     from vla_core.train.checks import check_step_finite
-
-    policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
-    if compile_:
-        policy.compile_blocks(mode=compile_mode, options=compile_options, **(compile_regions or {}))
-    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
-    if cached_vision:
-        inputs["vision_features"] = cached_features(policy, inputs)
-    params = [p for _, p in policy.trainable_parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-
-    cuda_graphs = uses_cuda_graphs(compile_mode, compile_options, compile_regions)
 
     def step():
         if cuda_graphs:  # a new training step: earlier graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with torch.profiler.record_function("forward"):
-            out = policy(inputs, defer_checks=True)  # as the trainer runs it: checks read after backward
+            out = policy(inputs, defer_checks=True)
         with torch.profiler.record_function("backward"):
             out["loss"].backward()
             check_step_finite(out, 0)
         with torch.profiler.record_function("optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str, device, warmup: int, iters: int,
+               world_dim: int, batched: bool = True, compile_: bool = False, profile: bool = False,
+               trace_path: str = "", compile_mode: str | None = None, compile_options: dict | None = None,
+               compile_regions: dict | None = None, cached_vision: bool = False) -> dict:
+    """One VLAPolicy training step: forward(batch) -> loss (memory pred: Prophet + gated cross-attention, MSE head),
+    backward, the trainer's finiteness checks, fused AdamW over the fp32 trainable weights."""
+    policy = build_policy(folder, image_px, n_act, finetune, device, world_dim, batched=batched)
+    cuda_graphs = compile_ and compile_policy(policy, compile_mode, compile_options, compile_regions)
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))  # on the device: measures the model
+    if cached_vision:
+        inputs["vision_features"] = cached_features(policy, inputs)
+    params = [p for _, p in policy.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    step = ours_train_step(policy, inputs, opt, cuda_graphs)
 
     t0 = time.perf_counter()
     step()  # the first step (compilation, allocator warm-up) is timed on its own
@@ -350,24 +366,12 @@ def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: 
     """The plain HF bf16 step and our compiled step (full fine-tune), both built once in one process and timed
     in alternating rounds of `iters` steps: the lent machine's speed drifts between runs (the HF step measured
     392-491 ms on different days' machines), so the ratio is taken per round and its median reported."""
-    from vla_core.train.checks import check_step_finite
-
     hf_step = make_hf_step(cfg, inputs, act_token_id, action_dim, chunk, "full", "bf16", device)
     policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
-    mode, options, regions = compile_variant(f"ours_compiled[{variant}]" if variant else "ours_compiled", None)
-    policy.compile_blocks(mode=mode, options=options, **regions)
-    cuda_graphs = uses_cuda_graphs(mode, options, regions)
+    cuda_graphs = compile_policy(policy, *compile_variant(variant_row(variant), None))
     ours_inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
     opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=True)
-
-    def ours_step():
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = policy(ours_inputs, defer_checks=True)
-        out["loss"].backward()
-        check_step_finite(out, 0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    ours_step = ours_train_step(policy, ours_inputs, opt, cuda_graphs)
 
     rows = {"hf_bf16": [], "ours_compiled": []}
     for r in range(rounds):
@@ -422,10 +426,9 @@ def check_same_numbers(folder: str, batch: int, image_px: int, n_act: int, devic
     results.append(run())
     fast_path(True)
     if compile_:  # the compiled step against the eager fast path
-        mode, options, regions = compile_variant(f"ours_compiled[{variant}]" if variant else "ours_compiled", None)
-        policy.compile_blocks(mode=mode, options=options, **regions)
+        cuda_graphs = compile_policy(policy, *compile_variant(variant_row(variant), None))
         for _ in range(2):  # compile, then the compared call
-            if uses_cuda_graphs(mode, options, regions):
+            if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             loss_grads = run()
         results.append(loss_grads)

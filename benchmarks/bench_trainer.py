@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     enc = build_world_encoder(WorldEncoderSpec(encoder="tiny", window=get_preset(args.preset).world.window,
                                                image_size=32), device.type)
-    cache = precompute_latents(LeRobotDataset.open(ds_path), enc, root / "lat.npy", batch_size=256,
-                               log=lambda *a: None)
+    ds = LeRobotDataset.open(ds_path)
+    cache = precompute_latents(ds, enc, root / "lat.npy", batch_size=256, log=lambda *a: None)
     del enc
     setup_s = time.perf_counter() - t0
     cfg = train_config(args.preset, str(folder), str(ds_path), str(cache.path), str(root / "runs"), steps, log_every,
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "batch": cfg.optim.batch_size,
-        "episodes": episodes, "frames": LeRobotDataset.open(ds_path).num_frames, "setup_s": round(setup_s, 1),
+        "episodes": episodes, "frames": ds.num_frames, "setup_s": round(setup_s, 1),
     }
     result["trainer"] = trainer_step(cfg)
     print(f"[trainer] {result['trainer']}", file=sys.stderr, flush=True)

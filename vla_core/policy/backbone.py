@@ -509,15 +509,13 @@ def _deepstack_process_sync_free(self, hidden_states: torch.Tensor, visual_pos_m
     return torch.where(mask.unsqueeze(-1), hidden_states + rows, hidden_states)
 
 
-def install_sync_free_deepstack(language_model: nn.Module) -> bool:
-    """Replace the text model's `_deepstack_process` (instance attribute, as the vision patches do). False when
+def install_sync_free_deepstack(language_model: nn.Module) -> None:
+    """Replace the text model's `_deepstack_process` (instance attribute, as the vision patches do). Nothing when
     this transformers version has no such method (then the model's own forward is used, see VLBackbone)."""
     import types
 
-    if not hasattr(language_model, "_deepstack_process"):
-        return False
-    language_model._deepstack_process = types.MethodType(_deepstack_process_sync_free, language_model)
-    return True
+    if hasattr(language_model, "_deepstack_process"):
+        language_model._deepstack_process = types.MethodType(_deepstack_process_sync_free, language_model)
 
 
 def tower_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -590,7 +588,6 @@ class VLBackbone(nn.Module):
             self.batched_vision_attention = batch_vision_attention(model, (cfg.image_size // self.patch_size) ** 2)
         # Qwen3-VL: grid-derived vision inputs computed once per grid (None: transformers computes them per call)
         self.vision_grid_inputs = install_vision_forward(model.visual) if self.family == "qwen3_vl" else None
-        self._sync_free = False
         self.sync_free_forward = self.family == "qwen3_vl"
 
     # -------------------------------------------------------------------------------------------- parts
@@ -614,17 +611,16 @@ class VLBackbone(nn.Module):
     def sync_free_forward(self) -> bool:
         """Qwen3-VL: the backbone's forward for images without a host sync or a data-dependent shape
         (`_sync_free_model_forward`), so that the decoder stack compiles into one graph. Off: transformers' own
-        `Qwen3VLModel.forward` (the reference of the equivalence tests)."""
-        return self._sync_free
+        `Qwen3VLModel.forward` (the reference of the equivalence tests). On exactly while the text model carries
+        the sync-free DeepStack step (`install_sync_free_deepstack`; False where transformers has none)."""
+        return "_deepstack_process" in vars(self.model.language_model)
 
     @sync_free_forward.setter
     def sync_free_forward(self, on: bool) -> None:
-        lm = self.model.language_model
-        if on and not self._sync_free:
-            self._sync_free = install_sync_free_deepstack(lm)
-        elif not on and self._sync_free:
-            del lm._deepstack_process  # the class's own method again
-            self._sync_free = False
+        if on and not self.sync_free_forward:
+            install_sync_free_deepstack(self.model.language_model)
+        elif not on and self.sync_free_forward:
+            del self.model.language_model._deepstack_process  # the class's own method again
 
     def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
         """The prompts hold one run of `tokens_per_image` image tokens per image (what transformers checks

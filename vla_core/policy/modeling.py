@@ -154,13 +154,15 @@ class VLAPolicy(nn.Module):
         if self.device.type == "cuda":
             blocks += [m for m in (self.state_proj, self.prophet, self.memory) if m is not None]
             blocks += list(self.head.blocks) if isinstance(self.head, FlowHead) else [self.head]
+        def settings(region_mode: str | None) -> dict:  # a region's own mode, else the blocks' mode or options
+            return {"mode": region_mode or mode, "options": None if (region_mode or mode) else options}
+
         for block in blocks:
-            block.compile(mode=mode, options=options)
+            block.compile(**settings(None))
         if tower:  # transformers' own forward, called by the tower's `_vision_forward` (install_vision_forward)
-            visual._wmvla_hf_forward = torch.compile(visual._wmvla_hf_forward, mode=vision_mode or mode,
-                                                     options=None if (vision_mode or mode) else options)
+            visual._wmvla_hf_forward = torch.compile(visual._wmvla_hf_forward, **settings(vision_mode))
         if stack:
-            lm.compile(mode=decoder_mode or mode, options=None if (decoder_mode or mode) else options)
+            lm.compile(**settings(decoder_mode))
         return len(blocks) + int(tower) + int(stack)
 
     def enable_gradient_checkpointing(self) -> None:
