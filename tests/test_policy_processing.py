@@ -209,6 +209,18 @@ def test_act_embedding_rows_come_from_their_own_parameter():
     assert base.weight.grad[[0, 2, 3, 5]].abs().sum() == 0  # ids 10..12 never touch the base matrix
 
 
+def test_act_embedding_gradient_is_the_sum_over_each_act_position_only():
+    """A batch where ACT ids repeat and most positions are ordinary tokens (which read row 0 in the lookup): each
+    ACT row's gradient is the sum of the upstream gradients at its own positions, nothing from the others."""
+    gen = torch.Generator().manual_seed(1)
+    emb = ActTokenEmbedding(torch.nn.Embedding(10, 6), first_id=10, num=3, generator=gen)
+    ids = torch.randint(0, 13, (4, 50), generator=gen)
+    upstream = torch.randn(4, 50, 6, generator=gen)
+    (emb(ids) * upstream).sum().backward()
+    expected = torch.stack([upstream[ids == 10 + j].sum(0) for j in range(3)])
+    torch.testing.assert_close(emb.act_weight.grad, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_tiny_tokenizer_has_qwen_special_tokens():
     tok = build_tiny_tokenizer()
     for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", IMAGE_PAD, "<|video_pad|>",
