@@ -6,6 +6,7 @@
 #                                             # ratio), rows for full / frozen_vision / lora, the checks
 #   bash benchmarks/run_gpu_train.sh memory   # the libero-2b cell under a 48 GB cap (an L40S), kernel mix
 #   bash benchmarks/run_gpu_train.sh trainer  # the trainer's own loop on the libero-2b settings vs the bench step
+#                                             (needs PyAV, which the lent GPU machine lacks: carry its wheel)
 # JSON and logs go to $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
