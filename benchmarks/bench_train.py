@@ -310,9 +310,10 @@ def variant_row(variant: str) -> str:
     return f"ours_compiled[{variant}]" if variant else "ours_compiled"
 
 
-def ours_train_step(policy, inputs: dict, opt, cuda_graphs: bool):
+def ours_train_step(policy, inputs: dict, opt, cuda_graphs: bool, read_checks: bool = True):
     """Our training step as the trainer runs it (checks read after backward, before the update), its phases
-    named for the profiler."""
+    named for the profiler. `read_checks=False` leaves that read (the step's one host sync) out: only for
+    `--sync-cost`, which measures what the read costs."""
     from vla_core.train.checks import check_step_finite
 
     def step():
@@ -322,7 +323,8 @@ def ours_train_step(policy, inputs: dict, opt, cuda_graphs: bool):
             out = policy(inputs, defer_checks=True)
         with torch.profiler.record_function("backward"):
             out["loss"].backward()
-            check_step_finite(out, 0)
+            if read_checks:
+                check_step_finite(out, 0)
         with torch.profiler.record_function("optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -358,6 +360,29 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
         res["host_profile"] = host_profile(step, trace_path)
     del policy, opt, inputs, params
     return res
+
+
+def sync_cost(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int, rounds: int,
+              iters: int) -> dict:
+    """What the step's one host sync costs: our compiled step (full fine-tune, the trainer's per-block compile)
+    with and without the finiteness read before the update, one policy and optimizer, alternating rounds. The
+    difference bounds what an update that skips itself on the GPU (no read before it) could gain."""
+    policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
+    cuda_graphs = compile_policy(policy, None, None, None)
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
+    opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=device.type == "cuda")
+    steps = {"with_read": ours_train_step(policy, inputs, opt, cuda_graphs),
+             "without_read": ours_train_step(policy, inputs, opt, cuda_graphs, read_checks=False)}
+    rows: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            rows[name].append(_timeit(step, 2 if r == 0 else 1, iters, device))
+    diffs = sorted((w - wo) * 1e3 for w, wo in zip(rows["with_read"], rows["without_read"]))
+    del policy, opt
+    return {"rounds": rounds, "iters_per_round": iters,
+            **{f"{k}_ms": [round(x * 1e3, 1) for x in v] for k, v in rows.items()},
+            "read_cost_ms_per_round_sorted": [round(d, 2) for d in diffs],
+            "read_cost_ms_median": round(statistics.median(diffs), 2)}
 
 
 def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int,
@@ -736,6 +761,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="add the ours_compiled row")
     ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
                     help="full fine-tune: hf_bf16 and ours_compiled built once, timed in ROUNDS alternating rounds")
+    ap.add_argument("--sync-cost", type=int, default=0, metavar="ROUNDS",
+                    help="our compiled full step with and without the pre-update finiteness read, alternating rounds")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the ours_compiled row "
                     "(default: inductor's default; reduce-overhead = CUDA graphs per block)")
     ap.add_argument("--compile-variants", nargs="*", default=[], metavar="VARIANT",
@@ -779,7 +806,8 @@ def main(argv: list[str] | None = None) -> dict:
     act_token_id = cfg.text_config.vocab_size - 1  # an ordinary id standing in for <ACT>: same cost as a new row
     inputs = hf_inputs(cfg, batch, image_px, n_images, prompt_tokens, n_act, act_token_id, device)
     tmp = tempfile.TemporaryDirectory(prefix="wmvla_bench_")
-    needs_folder = any(r.startswith("ours") for r in rows) or args.check or args.memory_cell or args.alternate
+    needs_folder = (any(r.startswith("ours") for r in rows) or args.check or args.memory_cell or args.alternate
+                    or args.sync_cost)
     if needs_folder:
         t0 = time.perf_counter()
         save_random_backbone(cfg, tmp.name)
@@ -853,6 +881,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["alternate"] = alternate(cfg, inputs, tmp.name, batch, image_px, n_act, device, world_dim, act_token_id,
                                         action_dim, chunk, args.alternate, iters, args.ours_variant)
         print(f"[alternate] {result['alternate']}", file=sys.stderr, flush=True)
+    if args.sync_cost:
+        _free(device)
+        result["sync_cost"] = sync_cost(tmp.name, batch, image_px, n_act, device, world_dim, args.sync_cost, iters)
+        print(f"[sync_cost] {result['sync_cost']}", file=sys.stderr, flush=True)
     if args.check:
         _free(device)
         result["same_numbers"] = check_same_numbers(tmp.name, batch, image_px, n_act, device, world_dim,

@@ -41,6 +41,18 @@ def test_bench_train_tiny_cached_vision_row_and_check():
     assert hf["loss_rel_diff"] < 1e-5 and hf["grad_rel_l2_all"] < 1e-4
 
 
+def test_bench_train_sync_cost_times_the_step_with_and_without_the_pre_update_read():
+    result = _load_bench().main(["--tiny", "--iters", "1", "--warmup", "1", "--finetune", "full", "--rows", "none",
+                                 "--sync-cost", "2"])
+    cost = result["sync_cost"]
+    assert len(cost["with_read_ms"]) == len(cost["without_read_ms"]) == 2
+    assert min(cost["with_read_ms"] + cost["without_read_ms"]) > 0
+    # per round: the step with the read minus the step without it (the rows are rounded to 0.1 ms)
+    paired = sorted(w - wo for w, wo in zip(cost["with_read_ms"], cost["without_read_ms"]))
+    assert all(abs(a - b) <= 0.11 for a, b in zip(paired, cost["read_cost_ms_per_round_sorted"]))
+    assert abs(cost["read_cost_ms_median"] - sum(cost["read_cost_ms_per_round_sorted"]) / 2) <= 0.01
+
+
 def test_compile_variant_rows_name_a_mode_or_inductor_options():
     """--compile-variants: each extra row is compiled as its name says (a mode, or inductor options parsed as
     JSON values); the plain ours_compiled row keeps --compile-mode."""
