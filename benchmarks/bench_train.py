@@ -362,23 +362,40 @@ def bench_ours(folder: str, batch: int, image_px: int, n_act: int, finetune: str
     return res
 
 
+def ours_full_step(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int, variant: str = "",
+                   read_checks: tuple[bool, ...] = (True,)):
+    """Our compiled full fine-tuning step as --alternate and --sync-cost time it: one policy (compiled as
+    `variant` names, "" = the trainer's per-block compile), its batch and fused AdamW; one step function per
+    entry of `read_checks` (see ours_train_step), all on that policy. Returns (policy, inputs, steps)."""
+    policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
+    cuda_graphs = compile_policy(policy, *compile_variant(variant_row(variant), None))
+    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
+    opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=device.type == "cuda")
+    return policy, inputs, [ours_train_step(policy, inputs, opt, cuda_graphs, read) for read in read_checks]
+
+
+def timed_rounds(steps: dict, rounds: int, iters: int, device, label: str) -> dict[str, list[float]]:
+    """Each step function timed in turn, `rounds` times (`_timeit`: median of `iters`; warm-up 2 in the first
+    round, 1 after): drifts of the lent machine's speed reach every step alike. Seconds per step, per round."""
+    rows: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            rows[name].append(_timeit(step, 2 if r == 0 else 1, iters, device))
+        print(f"[{label}] round {r}: " + ", ".join(f"{n} {v[-1] * 1e3:.1f} ms" for n, v in rows.items()),
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def sync_cost(folder: str, batch: int, image_px: int, n_act: int, device, world_dim: int, rounds: int,
               iters: int) -> dict:
     """What the step's one host sync costs: our compiled step (full fine-tune, the trainer's per-block compile)
     with and without the finiteness read before the update, one policy and optimizer, alternating rounds. The
     difference bounds what an update that skips itself on the GPU (no read before it) could gain."""
-    policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
-    cuda_graphs = compile_policy(policy, None, None, None)
-    inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
-    opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=device.type == "cuda")
-    steps = {"with_read": ours_train_step(policy, inputs, opt, cuda_graphs),
-             "without_read": ours_train_step(policy, inputs, opt, cuda_graphs, read_checks=False)}
-    rows: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(rounds):
-        for name, step in steps.items():
-            rows[name].append(_timeit(step, 2 if r == 0 else 1, iters, device))
+    policy, _, (with_read, without_read) = ours_full_step(folder, batch, image_px, n_act, device, world_dim,
+                                                          read_checks=(True, False))
+    rows = timed_rounds({"with_read": with_read, "without_read": without_read}, rounds, iters, device, "sync_cost")
     diffs = sorted((w - wo) * 1e3 for w, wo in zip(rows["with_read"], rows["without_read"]))
-    del policy, opt
+    del policy
     return {"rounds": rounds, "iters_per_round": iters,
             **{f"{k}_ms": [round(x * 1e3, 1) for x in v] for k, v in rows.items()},
             "read_cost_ms_per_round_sorted": [round(d, 2) for d in diffs],
@@ -392,23 +409,13 @@ def alternate(cfg, inputs: dict, folder: str, batch: int, image_px: int, n_act: 
     in alternating rounds of `iters` steps: the lent machine's speed drifts between runs (the HF step measured
     392-491 ms on different days' machines), so the ratio is taken per round and its median reported."""
     hf_step = make_hf_step(cfg, inputs, act_token_id, action_dim, chunk, "full", "bf16", device)
-    policy = build_policy(folder, image_px, n_act, "full", device, world_dim)
-    cuda_graphs = compile_policy(policy, *compile_variant(variant_row(variant), None))
-    ours_inputs = policy.prepare(raw_batch(batch, image_px, n_act, world_dim))
-    opt = torch.optim.AdamW([p for _, p in policy.trainable_parameters()], lr=1e-5, fused=True)
-    ours_step = ours_train_step(policy, ours_inputs, opt, cuda_graphs)
-
-    rows = {"hf_bf16": [], "ours_compiled": []}
-    for r in range(rounds):
-        for name, step in (("hf_bf16", hf_step), ("ours_compiled", ours_step)):
-            rows[name].append(_timeit(step, 2 if r == 0 else 1, iters, device))
-        print(f"[alternate] round {r}: hf_bf16 {rows['hf_bf16'][-1] * 1e3:.1f} ms, ours_compiled "
-              f"{rows['ours_compiled'][-1] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    policy, ours_inputs, (ours_step,) = ours_full_step(folder, batch, image_px, n_act, device, world_dim, variant)
+    rows = timed_rounds({"hf_bf16": hf_step, "ours_compiled": ours_step}, rounds, iters, device, "alternate")
     ratios = sorted(h / o for h, o in zip(rows["hf_bf16"], rows["ours_compiled"]))
     seq = int(ours_inputs["input_ids"].shape[1])
     flops = model_flops(policy, batch, seq, "full")
     med = statistics.median(rows["ours_compiled"])
-    del hf_step, policy, opt
+    del hf_step, policy
     return {"rounds": rounds, "iters_per_round": iters, "ours_variant": variant or "default",
             "hf_bf16_ms": [round(x * 1e3, 1) for x in rows["hf_bf16"]],
             "ours_compiled_ms": [round(x * 1e3, 1) for x in rows["ours_compiled"]],
